@@ -1,0 +1,42 @@
+# make run  : set up .venv if missing, then run the default CPU RL job.
+# make test : set up .venv if missing, then ruff, mypy and pytest.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c constraints.txt
+JOB ?= examples/tiny-grpo-cpu.toml
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: run test lint typecheck pytest bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt --upgrade pip setuptools wheel
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[dev]'
+	touch $@
+
+run: venv
+	$(BIN)/milepost engine $(JOB)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy engine daemon dashboard alerts bench
+
+pytest: venv
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: venv
+	$(BIN)/python bench/learning.py
+
+clean:
+	rm -rf $(VENV)

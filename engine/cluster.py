@@ -1,0 +1,55 @@
+"""Ray on loopback: a local cluster by default, or an existing cluster's address.
+
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every Ray component on 127.0.0.1; without
+it Ray talks over the machine's own address even when told 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+_LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    address: str = "local"  # "local" starts a loopback cluster; else e.g. "127.0.0.1:6379" or "ray://..."
+    num_cpus: int = 0  # logical CPUs of a local cluster; 0: exactly what the job's actors need
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            raise ValueError(f"address={self.address!r}: must be 'local' or a Ray cluster address")
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus={self.num_cpus}: must be >= 0")
+
+
+def loopback_env() -> dict[str, str]:
+    return dict(_LOOPBACK_ENV)
+
+
+def ensure_ray(cfg: RayConfig, *, needed_cpus: int) -> bool:
+    """Connects to (or starts) Ray; returns True when this call started it."""
+    for k, v in _LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.address == "local":
+        ray.init(
+            address="local",
+            num_cpus=max(cfg.num_cpus, needed_cpus),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=cfg.address, logging_level=logging.WARNING)
+    return True

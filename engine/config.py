@@ -1,0 +1,164 @@
+"""The job file: one TOML document, validated on load into typed config objects.
+
+Sections: [run] [model] [task] [grpo] [trainer] [rollout] [checkpoint] [ray].
+Each component owns its config dataclass (next to the class it configures); this
+module holds the root and the sections that belong to the engine's wiring.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointConfig
+from .cluster import RayConfig
+from .configio import ConfigError, build
+from .grpo import GRPOConfig
+from .model import ModelConfig
+from .task import Task, TaskConfig
+
+__all__ = ["ConfigError", "JobConfig", "load_job", "job_from_dict"]
+
+TRAIN_BACKENDS = ("fsdp2",)
+ROLLOUT_BACKENDS = ("torch",)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "milepost"
+    seed: int = 0
+    steps: int = 100
+    run_dir: str = ""  # default: runs/<name>
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: must be >= 1")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r}: must be non-empty and contain no '/'")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    backend: str = "fsdp2"
+    world_size: int = 2
+    min_world_size: int = 1  # elastic floor: fewer free slots than this and the attempt waits
+    max_world_size: int = 0  # elastic ceiling; 0 means world_size
+    collective_timeout_s: float = 120.0
+    threads_per_rank: int = 1
+
+    def __post_init__(self) -> None:
+        if self.backend not in TRAIN_BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: must be one of {list(TRAIN_BACKENDS)}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size={self.world_size}: must be >= 1")
+        if self.max_world_size == 0:
+            self.max_world_size = self.world_size
+        if not 1 <= self.min_world_size <= self.world_size:
+            raise ValueError(
+                f"min_world_size={self.min_world_size}: must be in [1, world_size={self.world_size}]"
+            )
+        if self.max_world_size < self.world_size:
+            raise ValueError(f"max_world_size={self.max_world_size}: must be >= world_size={self.world_size}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s={self.collective_timeout_s}: must be > 0")
+        if self.threads_per_rank < 1:
+            raise ValueError(f"threads_per_rank={self.threads_per_rank}: must be >= 1")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    backend: str = "torch"
+    workers: int = 1
+    threads_per_worker: int = 1
+    allow_stale_weights: bool = False  # True: generate on old weights with a warning event instead of failing
+
+    def __post_init__(self) -> None:
+        if self.backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: must be one of {list(ROLLOUT_BACKENDS)}")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: must be >= 1")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker={self.threads_per_worker}: must be >= 1")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    source: str = ""  # the file it came from, for messages
+
+    def __post_init__(self) -> None:
+        task = Task(self.task)
+        need = task.prompt_len + task.response_len
+        if self.model.max_seq_len < need:
+            raise ConfigError(
+                f"model.max_seq_len={self.model.max_seq_len}: the task needs {need} "
+                f"(prompt {task.prompt_len} + response {task.response_len})"
+            )
+        samples = self.grpo.prompts_per_step * self.grpo.group_size
+        if samples % self.grpo.minibatches:
+            raise ConfigError(
+                f"grpo.minibatches={self.grpo.minibatches}: must divide prompts_per_step*group_size={samples}"
+            )
+        per_mb = samples // self.grpo.minibatches
+        if per_mb < self.trainer.max_world_size:
+            raise ConfigError(
+                f"trainer.max_world_size={self.trainer.max_world_size}: a minibatch of {per_mb} samples "
+                "gives some rank nothing to train on"
+            )
+        if self.grpo.prompts_per_step < self.rollout.workers:
+            raise ConfigError(
+                f"rollout.workers={self.rollout.workers}: more workers than prompts_per_step={self.grpo.prompts_per_step}"
+            )
+
+    def run_dir(self, override: str | None = None) -> Path:
+        return Path(override or self.run.run_dir or f"runs/{self.run.name}")
+
+    def checkpoint_root(self, run_dir: str | Path) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(run_dir) / "checkpoints"
+
+
+_SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "grpo": GRPOConfig,
+    "trainer": TrainerConfig,
+    "rollout": RolloutConfig,
+    "checkpoint": CheckpointConfig,
+    "ray": RayConfig,
+}
+
+
+def job_from_dict(doc: dict[str, Any], *, source: str = "") -> JobConfig:
+    for key, value in doc.items():
+        if key not in _SECTIONS:
+            raise ConfigError(f"{key}={value!r}: unknown section; known sections: {', '.join(_SECTIONS)}")
+    sections: dict[str, Any] = {name: build(cls, doc.get(name), name) for name, cls in _SECTIONS.items()}
+    try:
+        return JobConfig(**sections, source=source)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from e
+
+
+def load_job(path: str | Path) -> JobConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job file {str(path)!r}: not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    try:
+        return job_from_dict(doc, source=str(path))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from e

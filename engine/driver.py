@@ -1,0 +1,321 @@
+"""The engine driver: one attempt of a job, as a Ray driver with trainer and rollout actors.
+
+Per step: prompts -> rollout (G samples per prompt) -> reward -> group-normalised
+advantages -> train (FSDP2 over the trainer group) -> weight sync (versioned,
+checksummed, verified by every rollout worker) -> maybe checkpoint.
+On start it resumes from the newest checkpoint whose manifest verifies (skipping
+corrupt ones with an event) and checks the state checksum the trainers loaded
+against the manifest before it takes a single step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointStore
+from .cluster import ensure_ray
+from .config import JobConfig
+from .events import EventSink
+from .grpo import group_advantages
+from .instrument import RankInstrument
+from .rollout import TorchRolloutWorker, WeightSyncError
+from .task import Task
+from .trainer import ResumeError, TrainerRank
+
+log = logging.getLogger(__name__)
+
+STEPS_FILE = "steps.jsonl"
+_SYNC_ATTEMPTS = 3
+
+
+@dataclass
+class StepResult:
+    step: int
+    reward_mean: float
+    reward_std: float
+    loss: float
+    grad_norm: float
+    kl: float
+    clip_frac: float
+    lr: float
+    weight_version: int
+    rollout_tokens: int
+    train_tokens: float
+    step_s: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    start_step: int
+    final_step: int
+    world_size: int
+    resumed_from: int | None
+    loaded_checksum: str | None
+    final_checksum: str
+    steps: list[StepResult]
+
+
+class Engine:
+    """Runs steps ``start+1 .. until_step`` of a job in one attempt."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        run_dir: str | Path,
+        *,
+        attempt: int = 0,
+        world_size: int | None = None,
+        until_step: int | None = None,
+        on_step: Callable[[StepResult], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.attempt = attempt
+        self.world_size = world_size or cfg.trainer.world_size
+        if not 1 <= self.world_size <= cfg.trainer.max_world_size:
+            raise ValueError(f"world_size={self.world_size}: must be in [1, {cfg.trainer.max_world_size}]")
+        self.until_step = min(until_step or cfg.run.steps, cfg.run.steps)
+        self.on_step = on_step
+        self.task = Task(cfg.task)
+        self.events = EventSink(self.run_dir, attempt=attempt, role="driver", rank=None)
+        self.inst = RankInstrument("driver", 0)
+        self.store = CheckpointStore(cfg.checkpoint_root(self.run_dir), keep_last=cfg.checkpoint.keep_last)
+        self.trainers: list[Any] = []
+        self.workers: list[Any] = []
+        self.weight_version = -1
+        self.corrupt_next_sync = False  # fault hook: tamper with the next weight packet in transit
+
+    # -- actors ---------------------------------------------------------------
+    def _start_actors(self) -> None:
+        import ray
+
+        trainer_cls = ray.remote(num_cpus=1, max_restarts=0)(TrainerRank)
+        worker_cls = ray.remote(num_cpus=1, max_restarts=0)(TorchRolloutWorker)
+        run_dir = str(self.run_dir)
+        self.trainers = [
+            trainer_cls.remote(
+                self.cfg, rank=r, world_size=self.world_size, run_dir=run_dir, attempt=self.attempt
+            )
+            for r in range(self.world_size)
+        ]
+        self.workers = [
+            worker_cls.remote(self.cfg, index=i, run_dir=run_dir, attempt=self.attempt)
+            for i in range(self.cfg.rollout.workers)
+        ]
+        host, port = ray.get(self.trainers[0].rendezvous_address.remote())
+        infos = ray.get([t.setup.remote(host, port) for t in self.trainers])
+        infos += ray.get([w.info.remote() for w in self.workers])
+        self.events.emit(
+            "attempt_started",
+            f"attempt {self.attempt}: {self.world_size} trainer ranks, {len(self.workers)} rollout workers",
+            world_size=self.world_size,
+            ranks=infos,
+        )
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        try:
+            ray.get([t.shutdown.remote() for t in self.trainers], timeout=120)
+        except Exception as e:
+            log.warning("trainer shutdown: %r", e)
+        for a in self.trainers + self.workers:
+            ray.kill(a, no_restart=True)
+        self.trainers, self.workers = [], []
+
+    def _all_trainers(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return list(ray.get([getattr(t, method).remote(*args) for t in self.trainers]))
+
+    # -- resume ---------------------------------------------------------------
+    def _resume(self) -> tuple[int, Checkpoint | None, str | None]:
+        def skipped(ckpt: Checkpoint, reason: str) -> None:
+            self.events.emit(
+                "checkpoint_skipped", f"skipping checkpoint: {reason}", severity="warning", step=ckpt.step
+            )
+
+        ckpt = self.store.find_resumable(on_skip=skipped)
+        if ckpt is None:
+            return 0, None, None
+        loaded = self._all_trainers("load_checkpoint", str(ckpt.path))
+        got = {r["state_checksum"] for r in loaded}
+        want = ckpt.manifest.get("state_checksum")
+        if got != {want}:
+            self.events.emit(
+                "resume_verification_failed",
+                f"loaded state of step {ckpt.step} has checksum {sorted(got)} but the manifest says {want}",
+                severity="critical",
+                step=ckpt.step,
+            )
+            raise ResumeError(f"resume from {ckpt.path}: loaded checksum {sorted(got)} != manifest {want}")
+        self.events.emit(
+            "resume_verified",
+            f"resumed from step {ckpt.step} (saved at world size {ckpt.manifest.get('world_size')}, "
+            f"now {self.world_size}); state checksum {str(want)[:12]} verified",
+            step=ckpt.step,
+            state_checksum=want,
+            saved_world_size=ckpt.manifest.get("world_size"),
+            world_size=self.world_size,
+        )
+        return ckpt.step, ckpt, str(want)
+
+    # -- weights --------------------------------------------------------------
+    def _sync_weights(self, version: int) -> None:
+        import ray
+
+        for attempt in range(1, _SYNC_ATTEMPTS + 1):
+            packet = self._all_trainers("export_weights", version)[0]
+            if self.corrupt_next_sync:
+                self.corrupt_next_sync = False
+                name = next(iter(packet["state"]))
+                packet["state"][name] = packet["state"][name] + 1e-3
+            ref = ray.put(packet)
+            try:
+                ray.get([w.update_weights.remote(ref) for w in self.workers])
+                self.weight_version = version
+                return
+            except WeightSyncError as e:
+                self.events.emit(
+                    "weight_sync_retry",
+                    f"weight sync v{version} failed verification (try {attempt}/{_SYNC_ATTEMPTS}): {e}",
+                    severity="warning",
+                    version=version,
+                )
+        raise WeightSyncError(f"weight sync v{version} failed verification {_SYNC_ATTEMPTS} times")
+
+    # -- one step -------------------------------------------------------------
+    def _rollout(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        import ray
+
+        g = self.cfg.grpo
+        prompts = self.task.prompts(self.cfg.run.seed, step, g.prompts_per_step)
+        shards = torch.tensor_split(prompts, len(self.workers))
+        futures = [
+            w.generate.remote(step, s.repeat_interleave(g.group_size, dim=0), self.weight_version)
+            for w, s in zip(self.workers, shards, strict=True)
+        ]
+        outs = ray.get(futures)
+        responses = torch.cat([o["responses"] for o in outs])
+        versions = {o["weight_version"] for o in outs}
+        if versions != {self.weight_version}:
+            raise RuntimeError(
+                f"step {step}: rollout used weight versions {versions}, expected {self.weight_version}"
+            )
+        full_prompts = prompts.repeat_interleave(g.group_size, dim=0)
+        return full_prompts, responses, sum(o["tokens"] for o in outs)
+
+    def _step(self, step: int) -> StepResult:
+        t0 = time.perf_counter()
+        phases: dict[str, float] = {}
+
+        timed = functools.partial(self._timed, phases)
+
+        with self.inst.step(step):
+            with timed("rollout"):
+                prompts, responses, rollout_tokens = self._rollout(step)
+            with timed("reward"):
+                rewards = self.task.rewards(prompts, responses)
+                adv = group_advantages(rewards, self.cfg.grpo.group_size)
+            with timed("train"):
+                batch = {"prompts": prompts, "responses": responses, "advantages": adv}
+                stats = self._all_trainers("train_step", step, batch)[0]
+            with timed("weight_sync"):
+                self._sync_weights(step)
+            if self._should_checkpoint(step):
+                with timed("checkpoint"):
+                    self._checkpoint(step)
+        return StepResult(
+            step=step,
+            reward_mean=rewards.mean().item(),
+            reward_std=rewards.std().item(),
+            loss=stats["loss"],
+            grad_norm=stats["grad_norm"],
+            kl=stats["kl"],
+            clip_frac=stats["clip_frac"],
+            lr=stats["lr"],
+            weight_version=self.weight_version,
+            rollout_tokens=rollout_tokens,
+            train_tokens=stats["train_tokens"],
+            step_s=time.perf_counter() - t0,
+            phases=phases,
+        )
+
+    @contextmanager
+    def _timed(self, phases: dict[str, float], name: str) -> Iterator[None]:
+        with self.inst.phase(name):
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                phases[name] = time.perf_counter() - t
+
+    def _should_checkpoint(self, step: int) -> bool:
+        interval = self.cfg.checkpoint.interval
+        return step == self.until_step or (interval > 0 and step % interval == 0)
+
+    def _checkpoint(self, step: int) -> None:
+        meta = {
+            "weight_version": self.weight_version,
+            "data_position": {
+                "next_step": step + 1,
+                "prompts_consumed": step * self.cfg.grpo.prompts_per_step,
+            },
+            "rng": {"seed": self.cfg.run.seed, "scheme": "derived from (seed, step, role, rank)"},
+            "job": self.cfg.source,
+        }
+        self._all_trainers("save_checkpoint", step, meta)
+
+    # -- the attempt ----------------------------------------------------------
+    def run(self) -> RunResult:
+        import ray
+
+        started_ray = ensure_ray(self.cfg.ray, needed_cpus=self.world_size + self.cfg.rollout.workers)
+        try:
+            self._start_actors()
+            start, ckpt, loaded = self._resume()
+            self._sync_weights(start)
+            results: list[StepResult] = []
+            with (self.run_dir / STEPS_FILE).open("a") as steps_log:
+                for step in range(start + 1, self.until_step + 1):
+                    res = self._step(step)
+                    results.append(res)
+                    steps_log.write(
+                        json.dumps({"attempt": self.attempt, "ts": time.time(), **asdict(res)}) + "\n"
+                    )
+                    steps_log.flush()
+                    if self.on_step is not None:
+                        self.on_step(res)
+            self._all_trainers("wait_checkpoint")
+            final = self._all_trainers("full_state_checksum")[0]
+            self.events.emit(
+                "attempt_finished",
+                f"attempt {self.attempt} reached step {self.until_step}",
+                step=self.until_step,
+                state_checksum=final,
+            )
+            return RunResult(
+                start_step=start,
+                final_step=self.until_step,
+                world_size=self.world_size,
+                resumed_from=ckpt.step if ckpt else None,
+                loaded_checksum=loaded,
+                final_checksum=final,
+                steps=results,
+            )
+        finally:
+            self._stop_actors()
+            if started_ray:
+                ray.shutdown()
