@@ -278,11 +278,9 @@ class TrainerRank:
         """Loads a committed checkpoint (any saved world size: DCP reshards); returns the loaded checksum."""
         with self.inst.phase("resume"):
             msd, osd = get_state_dict(self.model, self.optim)
-            state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=path, process_group=self.ckpt_pg)
-            set_state_dict(
-                self.model, self.optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
-            )
+            # DCP loads in place into these (resharding to this world size).
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=path, process_group=self.ckpt_pg)
+            set_state_dict(self.model, self.optim, model_state_dict=msd, optim_state_dict=osd)
             checksum = self.full_state_checksum()
         return {"path": path, "state_checksum": checksum}
 
