@@ -1,6 +1,6 @@
 # make run  : set up .venv if missing, then run the default CPU RL job.
 # make test : set up .venv if missing, then ruff, mypy and pytest.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
