@@ -16,71 +16,11 @@ from .checkpoint import CheckpointConfig
 from .cluster import RayConfig
 from .configio import ConfigError, build
 from .grpo import GRPOConfig
+from .jobspec import FaultSpec, RolloutConfig, RunConfig, SupervisorConfig, TrainerConfig, build_faults
 from .model import ModelConfig
 from .task import Task, TaskConfig
 
 __all__ = ["ConfigError", "JobConfig", "load_job", "job_from_dict"]
-
-TRAIN_BACKENDS = ("fsdp2",)
-ROLLOUT_BACKENDS = ("torch",)
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    name: str = "milepost"
-    seed: int = 0
-    steps: int = 100
-    run_dir: str = ""  # default: runs/<name>
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: must be >= 1")
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name={self.name!r}: must be non-empty and contain no '/'")
-
-
-@dataclass(kw_only=True)
-class TrainerConfig:
-    backend: str = "fsdp2"
-    world_size: int = 2
-    min_world_size: int = 1  # elastic floor: fewer free slots than this and the attempt waits
-    max_world_size: int = 0  # elastic ceiling; 0 means world_size
-    collective_timeout_s: float = 120.0
-    threads_per_rank: int = 1
-
-    def __post_init__(self) -> None:
-        if self.backend not in TRAIN_BACKENDS:
-            raise ValueError(f"backend={self.backend!r}: must be one of {list(TRAIN_BACKENDS)}")
-        if self.world_size < 1:
-            raise ValueError(f"world_size={self.world_size}: must be >= 1")
-        if self.max_world_size == 0:
-            self.max_world_size = self.world_size
-        if not 1 <= self.min_world_size <= self.world_size:
-            raise ValueError(
-                f"min_world_size={self.min_world_size}: must be in [1, world_size={self.world_size}]"
-            )
-        if self.max_world_size < self.world_size:
-            raise ValueError(f"max_world_size={self.max_world_size}: must be >= world_size={self.world_size}")
-        if self.collective_timeout_s <= 0:
-            raise ValueError(f"collective_timeout_s={self.collective_timeout_s}: must be > 0")
-        if self.threads_per_rank < 1:
-            raise ValueError(f"threads_per_rank={self.threads_per_rank}: must be >= 1")
-
-
-@dataclass(kw_only=True)
-class RolloutConfig:
-    backend: str = "torch"
-    workers: int = 1
-    threads_per_worker: int = 1
-    allow_stale_weights: bool = False  # True: generate on old weights with a warning event instead of failing
-
-    def __post_init__(self) -> None:
-        if self.backend not in ROLLOUT_BACKENDS:
-            raise ValueError(f"backend={self.backend!r}: must be one of {list(ROLLOUT_BACKENDS)}")
-        if self.workers < 1:
-            raise ValueError(f"workers={self.workers}: must be >= 1")
-        if self.threads_per_worker < 1:
-            raise ValueError(f"threads_per_worker={self.threads_per_worker}: must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -93,6 +33,8 @@ class JobConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    faults: list[FaultSpec] = field(default_factory=list)
     source: str = ""  # the file it came from, for messages
 
     def __post_init__(self) -> None:
@@ -135,14 +77,16 @@ _SECTIONS: dict[str, type] = {
     "rollout": RolloutConfig,
     "checkpoint": CheckpointConfig,
     "ray": RayConfig,
+    "supervisor": SupervisorConfig,
 }
 
 
 def job_from_dict(doc: dict[str, Any], *, source: str = "") -> JobConfig:
     for key, value in doc.items():
-        if key not in _SECTIONS:
+        if key not in _SECTIONS and key != "faults":
             raise ConfigError(f"{key}={value!r}: unknown section; known sections: {', '.join(_SECTIONS)}")
     sections: dict[str, Any] = {name: build(cls, doc.get(name), name) for name, cls in _SECTIONS.items()}
+    sections["faults"] = build_faults(doc.get("faults"))
     try:
         return JobConfig(**sections, source=source)
     except ConfigError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,10 +26,9 @@ import torch
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
 from .config import JobConfig
-from .events import EventSink
 from .grpo import group_advantages
-from .instrument import RankInstrument
 from .rollout import TorchRolloutWorker, WeightSyncError
+from .runtime import RankRuntime
 from .task import Task
 from .trainer import ResumeError, TrainerRank
 
@@ -76,8 +76,11 @@ class Engine:
         *,
         attempt: int = 0,
         world_size: int | None = None,
+        elastic: bool = False,
         until_step: int | None = None,
         on_step: Callable[[StepResult], None] | None = None,
+        daemon_url: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -86,15 +89,31 @@ class Engine:
         self.world_size = world_size or cfg.trainer.world_size
         if not 1 <= self.world_size <= cfg.trainer.max_world_size:
             raise ValueError(f"world_size={self.world_size}: must be in [1, {cfg.trainer.max_world_size}]")
+        self.elastic = elastic
         self.until_step = min(until_step or cfg.run.steps, cfg.run.steps)
         self.on_step = on_step
+        self.daemon_url, self.token = daemon_url, token
         self.task = Task(cfg.task)
-        self.events = EventSink(self.run_dir, attempt=attempt, role="driver", rank=None)
-        self.inst = RankInstrument("driver", 0)
+        self.control = ControlInbox()
+        self.rt = RankRuntime(
+            role="driver",
+            rank=0,
+            run_dir=str(self.run_dir),
+            attempt=attempt,
+            faults=cfg.faults,
+            daemon_url=daemon_url,
+            token=token,
+            report_interval_s=cfg.supervisor.report_interval_s,
+            on_response=self.control.on_response,
+        )
+        self.events, self.inst = self.rt.events, self.rt.inst
         self.store = CheckpointStore(cfg.checkpoint_root(self.run_dir), keep_last=cfg.checkpoint.keep_last)
         self.trainers: list[Any] = []
         self.workers: list[Any] = []
         self.weight_version = -1
+        self.last_saved = -1
+        self.stopped = False
+        self.owners: dict[str, tuple[str, int]] = {}
         self.corrupt_next_sync = False  # fault hook: tamper with the next weight packet in transit
 
     # -- actors ---------------------------------------------------------------
@@ -104,19 +123,24 @@ class Engine:
         trainer_cls = ray.remote(num_cpus=1, max_restarts=0)(TrainerRank)
         worker_cls = ray.remote(num_cpus=1, max_restarts=0)(TorchRolloutWorker)
         run_dir = str(self.run_dir)
+        common = {
+            "run_dir": run_dir,
+            "attempt": self.attempt,
+            "daemon_url": self.daemon_url,
+            "token": self.token,
+        }
         self.trainers = [
-            trainer_cls.remote(
-                self.cfg, rank=r, world_size=self.world_size, run_dir=run_dir, attempt=self.attempt
-            )
+            trainer_cls.remote(self.cfg, rank=r, world_size=self.world_size, **common)
             for r in range(self.world_size)
         ]
         self.workers = [
-            worker_cls.remote(self.cfg, index=i, run_dir=run_dir, attempt=self.attempt)
-            for i in range(self.cfg.rollout.workers)
+            worker_cls.remote(self.cfg, index=i, **common) for i in range(self.cfg.rollout.workers)
         ]
-        host, port = ray.get(self.trainers[0].rendezvous_address.remote())
-        infos = ray.get([t.setup.remote(host, port) for t in self.trainers])
-        infos += ray.get([w.info.remote() for w in self.workers])
+        self.owners = {a._actor_id.hex(): ("trainer", r) for r, a in enumerate(self.trainers)}
+        self.owners.update({a._actor_id.hex(): ("rollout", i) for i, a in enumerate(self.workers)})
+        host, port = self._gather([self.trainers[0].rendezvous_address.remote()], [self.trainers[0]])[0]
+        infos = self._gather([t.setup.remote(host, port) for t in self.trainers], self.trainers)
+        infos += self._gather([w.info.remote() for w in self.workers], self.workers)
         self.events.emit(
             "attempt_started",
             f"attempt {self.attempt}: {self.world_size} trainer ranks, {len(self.workers)} rollout workers",
@@ -128,17 +152,35 @@ class Engine:
         import ray
 
         try:
-            ray.get([t.shutdown.remote() for t in self.trainers], timeout=120)
+            ray.get([a.shutdown.remote() for a in self.trainers + self.workers], timeout=120)
         except Exception as e:
-            log.warning("trainer shutdown: %r", e)
+            log.warning("actor shutdown: %r", e)
         for a in self.trainers + self.workers:
             ray.kill(a, no_restart=True)
         self.trainers, self.workers = [], []
 
     def _all_trainers(self, method: str, *args: Any) -> list[Any]:
+        return self._gather([getattr(t, method).remote(*args) for t in self.trainers], self.trainers)
+
+    def _gather(self, refs: list[Any], actors: list[Any]) -> list[Any]:
+        """Waits for every call; the first one that fails names its actor at once.
+
+        A failed rank leaves its peers blocked in a collective, so waiting for all of
+        them (``ray.get`` on the list) would hide the cause behind a collective timeout.
+        """
         import ray
 
-        return list(ray.get([getattr(t, method).remote(*args) for t in self.trainers]))
+        owner = {r.hex(): a for r, a in zip(refs, actors, strict=True)}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    role, rank = self.owners.get(owner[ref.hex()]._actor_id.hex(), ("actor", -1))
+                    raise ActorFailure(role, rank, e) from e
+        return list(ray.get(refs))
 
     # -- resume ---------------------------------------------------------------
     def _resume(self) -> tuple[int, Checkpoint | None, str | None]:
@@ -184,10 +226,13 @@ class Engine:
                 packet["state"][name] = packet["state"][name] + 1e-3
             ref = ray.put(packet)
             try:
-                ray.get([w.update_weights.remote(ref) for w in self.workers])
+                self._gather([w.update_weights.remote(ref) for w in self.workers], self.workers)
                 self.weight_version = version
                 return
-            except WeightSyncError as e:
+            except ActorFailure as failure:
+                if not isinstance(failure.cause, WeightSyncError):
+                    raise
+                e = failure.cause
                 self.events.emit(
                     "weight_sync_retry",
                     f"weight sync v{version} failed verification (try {attempt}/{_SYNC_ATTEMPTS}): {e}",
@@ -198,7 +243,6 @@ class Engine:
 
     # -- one step -------------------------------------------------------------
     def _rollout(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        import ray
 
         g = self.cfg.grpo
         prompts = self.task.prompts(self.cfg.run.seed, step, g.prompts_per_step)
@@ -207,7 +251,7 @@ class Engine:
             w.generate.remote(step, s.repeat_interleave(g.group_size, dim=0), self.weight_version)
             for w, s in zip(self.workers, shards, strict=True)
         ]
-        outs = ray.get(futures)
+        outs = self._gather(futures, self.workers)
         responses = torch.cat([o["responses"] for o in outs])
         versions = {o["weight_version"] for o in outs}
         if versions != {self.weight_version}:
@@ -223,6 +267,7 @@ class Engine:
 
         timed = functools.partial(self._timed, phases)
 
+        self.rt.faults.check(step)
         with self.inst.step(step):
             with timed("rollout"):
                 prompts, responses, rollout_tokens = self._rollout(step)
@@ -237,7 +282,7 @@ class Engine:
             if self._should_checkpoint(step):
                 with timed("checkpoint"):
                     self._checkpoint(step)
-        return StepResult(
+        res = StepResult(
             step=step,
             reward_mean=rewards.mean().item(),
             reward_std=rewards.std().item(),
@@ -252,6 +297,11 @@ class Engine:
             step_s=time.perf_counter() - t0,
             phases=phases,
         )
+        self.rt.publish(
+            timings={"step": res.step_s, **phases},
+            metrics={"reward_mean": res.reward_mean, "loss": res.loss, "grad_norm": res.grad_norm},
+        )
+        return res
 
     @contextmanager
     def _timed(self, phases: dict[str, float], name: str) -> Iterator[None]:
@@ -267,6 +317,7 @@ class Engine:
         return step == self.until_step or (interval > 0 and step % interval == 0)
 
     def _checkpoint(self, step: int) -> None:
+        self.last_saved = step
         meta = {
             "weight_version": self.weight_version,
             "data_position": {
@@ -278,37 +329,98 @@ class Engine:
         }
         self._all_trainers("save_checkpoint", step, meta)
 
+    # -- control from the daemon -------------------------------------------------
+    def _apply_control(self, step: int) -> bool:
+        """Applies pause/resume/checkpoint/stop requests at a step boundary; True means stop."""
+        paused = False
+        while True:
+            for action in self.control.drain():
+                if action == "checkpoint" and self.last_saved != step:
+                    self.events.emit(
+                        "checkpoint_requested", f"checkpoint of step {step} on request", step=step
+                    )
+                    self._checkpoint(step)
+                elif action == "stop":
+                    if self.last_saved != step:
+                        self._checkpoint(step)
+                    self.events.emit("attempt_stopping", f"stopping after step {step} on request", step=step)
+                    return True
+                elif action == "pause" and not paused:
+                    paused = True
+                    self.inst.set_phase("paused")
+                    self.events.emit("run_paused", f"paused after step {step}", step=step)
+                elif action == "resume" and paused:
+                    paused = False
+                    self.events.emit("run_resumed", f"resumed after step {step}", step=step)
+            if not paused:
+                self.inst.set_phase("idle")
+                return False
+            time.sleep(0.2)
+
+    def _choose_world_size(self) -> int:
+        """The largest trainer world size the cluster's free slots allow, within [min, max]."""
+        import ray
+
+        t = self.cfg.trainer
+        slots = int(ray.cluster_resources().get("CPU", 0)) - self.cfg.rollout.workers
+        size = min(t.max_world_size, slots)
+        if size < t.min_world_size:
+            raise InsufficientSlots(
+                f"cluster has {slots} trainer slots; trainer.min_world_size={t.min_world_size}"
+            )
+        if size != t.world_size:
+            self.events.emit(
+                "world_size_changed",
+                f"cluster has {slots} trainer slots: running at world size {size} "
+                f"(configured {t.world_size}, range {t.min_world_size}..{t.max_world_size})",
+                severity="warning" if size < t.world_size else "info",
+                world_size=size,
+                slots=slots,
+            )
+        return size
+
     # -- the attempt ----------------------------------------------------------
     def run(self) -> RunResult:
         import ray
 
-        started_ray = ensure_ray(self.cfg.ray, needed_cpus=self.world_size + self.cfg.rollout.workers)
+        max_ws = self.cfg.trainer.max_world_size if self.elastic else self.world_size
+        started_ray = ensure_ray(self.cfg.ray, needed_cpus=max_ws + self.cfg.rollout.workers)
         try:
+            if self.elastic:
+                self.world_size = self._choose_world_size()
             self._start_actors()
             start, ckpt, loaded = self._resume()
             self._sync_weights(start)
+            self.last_saved = start
+            self.inst.state.step = start
             results: list[StepResult] = []
+            final_step = start
             with (self.run_dir / STEPS_FILE).open("a") as steps_log:
                 for step in range(start + 1, self.until_step + 1):
                     res = self._step(step)
                     results.append(res)
+                    final_step = step
                     steps_log.write(
                         json.dumps({"attempt": self.attempt, "ts": time.time(), **asdict(res)}) + "\n"
                     )
                     steps_log.flush()
                     if self.on_step is not None:
                         self.on_step(res)
+                    if self._apply_control(step):
+                        self.stopped = True
+                        break
             self._all_trainers("wait_checkpoint")
             final = self._all_trainers("full_state_checksum")[0]
             self.events.emit(
                 "attempt_finished",
-                f"attempt {self.attempt} reached step {self.until_step}",
-                step=self.until_step,
+                f"attempt {self.attempt} {'stopped at' if self.stopped else 'reached'} step {final_step}",
+                step=final_step,
                 state_checksum=final,
+                stopped=self.stopped,
             )
             return RunResult(
                 start_step=start,
-                final_step=self.until_step,
+                final_step=final_step,
                 world_size=self.world_size,
                 resumed_from=ckpt.step if ckpt else None,
                 loaded_checksum=loaded,
@@ -317,5 +429,46 @@ class Engine:
             )
         finally:
             self._stop_actors()
+            self.rt.close()
             if started_ray:
                 ray.shutdown()
+
+
+class ActorFailure(RuntimeError):
+    """A trainer rank or rollout worker failed; names which one and why."""
+
+    def __init__(self, role: str, rank: int, cause: BaseException) -> None:
+        self.role, self.rank, self.cause = role, rank, cause
+        # A RayTaskError wraps the rank's own exception as .cause; name that one.
+        inner = getattr(cause, "cause", None) or cause
+        self.kind = type(inner).__name__
+        self.died = "ActorDied" in self.kind or "ActorUnavailable" in self.kind
+        text = str(inner).strip()
+        first = text.splitlines()[-1] if text else self.kind
+        why = "process died" if self.died else f"raised {self.kind}"
+        super().__init__(f"{role} {rank} {why}: {first[:300]}")
+
+
+class InsufficientSlots(RuntimeError):
+    """The cluster cannot host even trainer.min_world_size ranks."""
+
+
+class ControlInbox:
+    """Control requests from the daemon, delivered in reporter responses, applied at step boundaries."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen = 0
+        self._queue: list[str] = []
+
+    def on_response(self, resp: dict[str, Any]) -> None:
+        with self._lock:
+            for cmd in resp.get("control") or []:
+                if isinstance(cmd, dict) and int(cmd.get("id", 0)) > self._seen:
+                    self._seen = int(cmd["id"])
+                    self._queue.append(str(cmd.get("action")))
+
+    def drain(self) -> list[str]:
+        with self._lock:
+            out, self._queue = self._queue, []
+        return out

@@ -16,10 +16,9 @@ from typing import Any, Protocol
 import torch
 
 from .config import JobConfig
-from .events import EventSink
 from .generate import generate
-from .instrument import RankInstrument
 from .model import build_policy
+from .runtime import RankRuntime
 from .seeding import generator
 from .task import Task
 from .weights import state_checksum
@@ -40,15 +39,33 @@ class RolloutEngine(Protocol):
 
 
 class TorchRolloutWorker:
-    def __init__(self, cfg: JobConfig, *, index: int, run_dir: str, attempt: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        index: int,
+        run_dir: str,
+        attempt: int = 0,
+        daemon_url: str | None = None,
+        token: str | None = None,
+    ) -> None:
         torch.set_num_threads(cfg.rollout.threads_per_worker)
         self.cfg, self.index = cfg, index
         self.task = Task(cfg.task)
         self.policy = build_policy(cfg.model, self.task.vocab_size, cfg.run.seed).eval()
         self.version = -1  # no weights synced from the trainer yet
         self.checksum = ""
-        self.events = EventSink(run_dir, attempt=attempt, role="rollout", rank=index)
-        self.inst = RankInstrument("rollout", index)
+        self.rt = RankRuntime(
+            role="rollout",
+            rank=index,
+            run_dir=run_dir,
+            attempt=attempt,
+            faults=cfg.faults,
+            daemon_url=daemon_url,
+            token=token,
+            report_interval_s=cfg.supervisor.report_interval_s,
+        )
+        self.events, self.inst = self.rt.events, self.rt.inst
 
     def info(self) -> dict[str, Any]:
         return {"role": "rollout", "rank": self.index, "pid": os.getpid(), "host": socket.gethostname()}
@@ -73,6 +90,7 @@ class TorchRolloutWorker:
         return {"rank": self.index, "version": version, "checksum": got}
 
     def generate(self, step: int, prompts: torch.Tensor, expected_version: int) -> dict[str, Any]:
+        self.rt.faults.check(step)
         if self.version != expected_version:
             msg = f"rollout {self.index}: step {step} expects weights v{expected_version}, worker holds v{self.version}"
             if not self.cfg.rollout.allow_stale_weights:
@@ -90,14 +108,20 @@ class TorchRolloutWorker:
                 top_p=g.top_p,
                 generator=generator(self.cfg.run.seed, step, "rollout", self.index),
             )
+            self.rt.faults.slow_down(time.perf_counter() - t0)
+        gen_s = time.perf_counter() - t0
+        self.rt.publish(timings={"rollout": gen_s}, metrics={"weight_version": float(self.version)})
         return {
             "responses": responses,
             "logprobs": logprobs,
             "weight_version": self.version,
             "checksum": self.checksum,
-            "gen_s": time.perf_counter() - t0,
+            "gen_s": gen_s,
             "tokens": int(responses.numel()),
         }
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "version": self.version, "checksum": self.checksum}
+
+    def shutdown(self) -> None:
+        self.rt.close()

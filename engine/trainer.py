@@ -30,10 +30,9 @@ from torch.distributed.fsdp import fully_shard
 
 from .checkpoint import CheckpointStore
 from .config import JobConfig
-from .events import EventSink
 from .grpo import policy_loss, response_logprobs
-from .instrument import RankInstrument
 from .model import Policy, build_policy
+from .runtime import RankRuntime
 from .task import Task
 from .weights import state_checksum
 
@@ -62,11 +61,30 @@ def node_address() -> str:
 
 
 class TrainerRank:
-    def __init__(self, cfg: JobConfig, *, rank: int, world_size: int, run_dir: str, attempt: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        rank: int,
+        world_size: int,
+        run_dir: str,
+        attempt: int = 0,
+        daemon_url: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.run_dir, self.attempt = run_dir, attempt
-        self.events = EventSink(run_dir, attempt=attempt, role="trainer", rank=rank)
-        self.inst = RankInstrument("trainer", rank)
+        self.rt = RankRuntime(
+            role="trainer",
+            rank=rank,
+            run_dir=run_dir,
+            attempt=attempt,
+            faults=cfg.faults,
+            daemon_url=daemon_url,
+            token=token,
+            report_interval_s=cfg.supervisor.report_interval_s,
+        )
+        self.events, self.inst = self.rt.events, self.rt.inst
         self.store = CheckpointStore(cfg.checkpoint_root(run_dir), keep_last=cfg.checkpoint.keep_last)
         self._pending: Future[Any] | None = None
         self._commit_lock = threading.Lock()
@@ -126,6 +144,7 @@ class TrainerRank:
         cfg = self.cfg.grpo
         prompts, responses, adv = batch["prompts"], batch["responses"], batch["advantages"]
         n, resp_len = responses.shape
+        self.rt.faults.check(step)
         t0 = time.perf_counter()
         with self.inst.step(step), self.inst.phase("train"):
             mine = self._rows(n)
@@ -182,6 +201,8 @@ class TrainerRank:
             "lr": float(self.optim.param_groups[0]["lr"]),
             "train_s": time.perf_counter() - t0,
         }
+        self.rt.publish(timings={"train": stats["train_s"]}, metrics={"loss": stats["loss"]})
+        return stats
 
     # -- weights --------------------------------------------------------------
     def export_weights(self, version: int) -> dict[str, Any] | None:
@@ -288,5 +309,6 @@ class TrainerRank:
         try:
             self.wait_checkpoint()
         finally:
+            self.rt.close()
             if dist.is_initialized():
                 dist.destroy_process_group()

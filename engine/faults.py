@@ -1,0 +1,66 @@
+"""Fault injection at chosen steps, shipped with the engine for tests, demos and benchmarks.
+
+Faults come from the job file (``[[faults]]``) or, later, from the daemon's API. Each
+fires once per attempt at the first step boundary at or after its step, after writing a
+``fault_injected`` event, so every fault test can assert that the fault really fired.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from .events import EventSink
+from .jobspec import FaultSpec
+
+
+class InjectedFault(RuntimeError):
+    """Raised by an ``exception`` fault."""
+
+
+class FaultInjector:
+    def __init__(
+        self, specs: list[FaultSpec], *, role: str, rank: int, attempt: int, events: EventSink
+    ) -> None:
+        self.role, self.rank, self.events = role, rank, events
+        self.pending = [
+            s for s in specs if s.role == role and s.rank == rank and (s.attempts == "all" or attempt == 0)
+        ]
+        self.slow_factor = 1.0
+
+    def add(self, spec: FaultSpec) -> None:
+        if spec.role == self.role and spec.rank == self.rank:
+            self.pending.append(spec)
+
+    def check(self, step: int) -> None:
+        """Fires every pending fault due at ``step``; call at step boundaries."""
+        due = [s for s in self.pending if s.step <= step]
+        self.pending = [s for s in self.pending if s.step > step]
+        for spec in due:
+            self._fire(spec, step)
+
+    def _fire(self, spec: FaultSpec, step: int) -> None:
+        self.events.emit(
+            "fault_injected",
+            f"injecting {spec.kind} into {self.role} {self.rank} at step {step}",
+            severity="warning",
+            step=step,
+            fault=spec.kind,
+            pid=os.getpid(),
+        )
+        if spec.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif spec.kind == "exit":
+            os._exit(17)
+        elif spec.kind == "exception":
+            raise InjectedFault(f"injected exception in {self.role} {self.rank} at step {step}")
+        elif spec.kind == "hang":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif spec.kind == "slow":
+            self.slow_factor = spec.factor
+
+    def slow_down(self, elapsed_s: float) -> None:
+        """Stretches a compute section by the active ``slow`` factor."""
+        if self.slow_factor > 1.0:
+            time.sleep(elapsed_s * (self.slow_factor - 1.0))

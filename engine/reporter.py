@@ -1,0 +1,128 @@
+"""Background reporter: ships a rank's state to the daemon without ever blocking training.
+
+A daemon thread snapshots the rank's instrument every ``interval_s`` into a bounded
+buffer and POSTs what is buffered. When the daemon is unreachable (restarting, killed)
+reports stay buffered, oldest dropped first past ``max_buffer`` and counted, and are
+replayed once it answers again. Training threads only touch plain attributes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from .instrument import RankInstrument
+from .wire import INGEST_PATH, make_report
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256
+
+
+class Reporter:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        inst: RankInstrument,
+        *,
+        attempt: int,
+        interval_s: float = 1.0,
+        max_buffer: int = 4096,
+        timeout_s: float = 2.0,
+        on_response: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/") + INGEST_PATH
+        self.token, self.inst, self.attempt = token, inst, attempt
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.on_response = on_response
+        self.metrics: dict[str, float] = {}
+        self.timings: dict[str, float] = {}
+        self.status = "running"
+        self.sent = 0
+        self.dropped = 0
+        self.failures = 0
+        self._seq = 0
+        self._buf: collections.deque[dict[str, Any]] = collections.deque()
+        self._max = max_buffer
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"milepost-reporter-{inst.state.role}", daemon=True
+        )
+
+    def start(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    def stop(self, flush_timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=flush_timeout_s + self.timeout_s)
+
+    def report_now(self) -> None:
+        """Queues a snapshot now (e.g. at a step boundary); the thread sends it."""
+        with self._lock:
+            self._seq += 1
+            report = make_report(
+                self.inst.state,
+                attempt=self.attempt,
+                seq=self._seq,
+                timings=self.timings,
+                metrics=self.metrics,
+                counters={"reports_dropped": self.dropped, "observer_errors": self.inst.observer_errors},
+                status=self.status,
+            )
+            if len(self._buf) >= self._max:
+                self._buf.popleft()
+                self.dropped += 1
+            self._buf.append(report)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.report_now()
+            self._flush()
+            self._stop.wait(self.interval_s)
+        self.report_now()
+        self._flush()
+
+    def _flush(self) -> None:
+        while True:
+            with self._lock:
+                batch = [self._buf[i] for i in range(min(_BATCH, len(self._buf)))]
+            if not batch:
+                return
+            try:
+                resp = self._post({"reports": batch})
+            except (OSError, urllib.error.URLError, ValueError) as e:
+                # Keep the reports for replay; the daemon may be restarting.
+                self.failures += 1
+                if self.failures in (1, 10, 100):
+                    log.warning("reporter: daemon unreachable (%d failures): %s", self.failures, e)
+                return
+            with self._lock:
+                for _ in batch:
+                    if self._buf:
+                        self._buf.popleft()
+            self.sent += len(batch)
+            if self.on_response is not None:
+                try:
+                    self.on_response(resp)
+                except Exception:
+                    log.exception("reporter: response handler failed")
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            self.url,
+            data=json.dumps(body, default=str).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+            data = json.loads(r.read() or b"{}")
+        return data if isinstance(data, dict) else {}

@@ -1,0 +1,59 @@
+"""The report wire schema between ranks and the daemon (torch-free; the daemon imports it).
+
+A rank's reporter POSTs ``{"reports": [report, ...]}`` to ``/api/v1/ingest`` with the
+run's bearer token. Each report is a snapshot of the rank: heartbeat, step, phase, open
+collectives, last-step timings and metrics, and a per-rank sequence number so the daemon
+can deduplicate replays and count gaps. The response carries the run's desired control
+state (pause/stop/checkpoint requests) and faults to inject.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from .instrument import RankState
+
+WIRE_VERSION = 1
+INGEST_PATH = "/api/v1/ingest"
+
+
+def make_report(
+    state: RankState,
+    *,
+    attempt: int,
+    seq: int,
+    timings: dict[str, float] | None = None,
+    metrics: dict[str, float] | None = None,
+    counters: dict[str, int] | None = None,
+    status: str = "running",
+) -> dict[str, Any]:
+    return {
+        "v": WIRE_VERSION,
+        "attempt": attempt,
+        "role": state.role,
+        "rank": state.rank,
+        "seq": seq,
+        "ts": time.time(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "step": state.step,
+        "phase": state.phase,
+        "state": status,
+        "open_collectives": [
+            {
+                "op": c.op,
+                "group": c.group,
+                "seq": c.seq,
+                "nbytes": c.nbytes,
+                "dtype": c.dtype,
+                "enter_ts": c.enter_ts,
+            }
+            for c in list(state.open_collectives.values())
+        ],
+        "timings": dict(timings or {}),
+        "metrics": dict(metrics or {}),
+        "counters": dict(counters or {}),
+    }
