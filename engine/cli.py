@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .config import ConfigError, load_job
+
+EXIT_RESUME_MISMATCH = 3  # the loaded state does not match its manifest: restarting cannot help
+EXIT_NO_SLOTS = 4  # fewer free trainer slots than trainer.min_world_size
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -21,6 +26,8 @@ def _engine(args: argparse.Namespace) -> int:
     from .driver import Engine, StepResult
 
     cfg = load_job(args.job)
+    if args.ray_address:
+        cfg.ray.address = args.ray_address
     run_dir = cfg.run_dir(args.run_dir)
     bar = tqdm(total=args.steps or cfg.run.steps, desc=cfg.run.name, unit="step", dynamic_ncols=True)
 
@@ -30,10 +37,29 @@ def _engine(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(reward=f"{res.reward_mean:.3f}", loss=f"{res.loss:+.3f}", step_s=f"{res.step_s:.2f}")
 
-    engine = Engine(cfg, run_dir, world_size=args.world_size, until_step=args.steps, on_step=on_step)
-    print(f"milepost engine: job {args.job}, run dir {run_dir}", file=sys.stderr)
-    result = engine.run()
-    bar.close()
+    engine = Engine(
+        cfg,
+        run_dir,
+        attempt=args.attempt,
+        world_size=args.world_size,
+        elastic=args.elastic,
+        until_step=args.steps,
+        on_step=None if args.no_progress else on_step,
+        daemon_url=args.daemon_url,
+        token=os.environ.get("MILEPOST_TOKEN"),
+    )
+    print(f"milepost engine: job {args.job}, run dir {run_dir}, attempt {args.attempt}", file=sys.stderr)
+    try:
+        result = engine.run()
+    except BaseException as e:
+        code, data = _failure(e)
+        engine.events.emit("attempt_failed", f"attempt {args.attempt} failed: {e}", severity="error", **data)
+        print(f"milepost engine: attempt {args.attempt} failed: {e}", file=sys.stderr)
+        if code == 1 and not isinstance(e, Exception):
+            raise
+        return code
+    finally:
+        bar.close()
     last = result.steps[-10:]
     if last:
         mean = sum(s.reward_mean for s in last) / len(last)
@@ -42,6 +68,30 @@ def _engine(args: argparse.Namespace) -> int:
         print(f"nothing to do: the run is already at step {result.final_step}")
     print(f"final state checksum {result.final_checksum}")
     return 0
+
+
+def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
+    """Exit code and event fields for an attempt that ended in ``e``."""
+    from .driver import ActorFailure, InsufficientSlots
+    from .trainer import ResumeError
+
+    if isinstance(e, ResumeError):
+        return EXIT_RESUME_MISMATCH, {"cause": "resume_verification_failed"}
+    if isinstance(e, InsufficientSlots):
+        return EXIT_NO_SLOTS, {"cause": "insufficient_slots"}
+    if isinstance(e, ActorFailure):
+        return (
+            1,
+            {
+                "cause": "actor_died" if e.died else "actor_error",
+                "role": e.role,
+                "rank": e.rank,
+                "error": e.kind,
+            },
+        )
+    if isinstance(e, KeyboardInterrupt):
+        return 130, {"cause": "interrupted"}
+    return 1, {"cause": "driver_error", "error": type(e).__name__}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--world-size", type=int, default=None, help="trainer world size (default: trainer.world_size)"
     )
+    e.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (default: the job's ray.address)"
+    )
+    e.add_argument("--elastic", action="store_true", help="pick the world size from free trainer slots")
+    e.add_argument("--attempt", type=int, default=0, help=argparse.SUPPRESS)
+    e.add_argument("--daemon-url", default=None, help=argparse.SUPPRESS)
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (used under the daemon)")
     e.set_defaults(func=_engine)
     return p
 

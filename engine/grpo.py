@@ -12,11 +12,11 @@ from .model import Policy
 @dataclass(kw_only=True)
 class GRPOConfig:
     group_size: int = 8
-    prompts_per_step: int = 16
+    prompts_per_step: int = 64
     clip_eps: float = 0.2
     kl_coef: float = 0.0
-    lr: float = 3e-3
-    minibatches: int = 1
+    lr: float = 2e-3
+    minibatches: int = 2
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0

@@ -80,11 +80,8 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff, bias=False),
-            nn.GELU(),
-            nn.Linear(cfg.d_ff, cfg.d_model, bias=False),
-        )
+        self.ff_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.ff_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(
         self,
@@ -93,7 +90,7 @@ class Block(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), kv, start_pos)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.ff_out(F.gelu(self.ff_in(self.mlp_norm(x))))
 
 
 class Policy(nn.Module):
@@ -119,7 +116,7 @@ class Policy(nn.Module):
             assert isinstance(block, Block)
             std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
             nn.init.normal_(block.attn.out.weight, std=std)
-            nn.init.normal_(block.mlp[2].weight, std=std)
+            nn.init.normal_(block.ff_out.weight, std=std)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         max_len = self.cfg.max_seq_len if max_len is None else max_len

@@ -32,7 +32,7 @@ TASK_NAMES = tuple(sorted(_TARGETS))
 class TaskConfig:
     name: str = "reverse"
     num_digits: int = 4
-    base: int = 6
+    base: int = 10
 
     def __post_init__(self) -> None:
         if self.name not in _TARGETS:

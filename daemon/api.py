@@ -1,0 +1,208 @@
+"""The daemon's HTTP API (FastAPI): run status, goodput, ranks, events, steps, checkpoints,
+control actions and rank-report ingest.
+
+Reads come from the store or the controller; writes (every POST) need the run's bearer
+token, and so do reads when ``require_token_for_reads`` (the daemon binds beyond loopback).
+Handlers are plain ``def``: FastAPI runs them in a thread pool, so a slow SQLite call or
+controller lock never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from milepost.daemon.api_models import (
+    I64_MAX,
+    Attempts,
+    Checkpoints,
+    ControlAction,
+    ControlResult,
+    ErrorBody,
+    Events,
+    Goodput,
+    Health,
+    IngestBatch,
+    IngestResult,
+    Ranks,
+    Status,
+    Steps,
+)
+from milepost.daemon.auth import tokens_equal
+from milepost.daemon.store import Store
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+MAX_EVENTS = 5000
+MAX_STEPS = 10000
+
+
+class Controller(Protocol):
+    """What the API needs from the supervisor; FakeController in the tests, daemon.supervisor in production."""
+
+    # keys at least: run_id, name, state, reason, step, target_steps, attempt, world_size,
+    # goodput (float 0..1), restarts, started_at, updated_at
+    def status(self) -> dict[str, Any]: ...
+
+    # keys: goodput, wall_s, productive_s,
+    # badput: {startup_s, recovery_s, lost_progress_s, checkpoint_stall_s, other_s}
+    def goodput(self) -> dict[str, Any]: ...
+
+    # action in {"pause","resume","stop","checkpoint"}; returns {"action":..., "accepted": bool, "state": ...};
+    # raises ValueError(msg) if not possible in the current state (-> 409)
+    def control(self, action: str) -> dict[str, Any]: ...
+
+    # rank reports; returns {"accepted": int, "control": [...], "faults": [...]}
+    def ingest(self, batch: dict[str, Any]) -> dict[str, Any]: ...
+
+    # each: role, rank, attempt, host, pid, step, phase, state, heartbeat_age_seconds
+    def ranks(self) -> list[dict[str, Any]]: ...
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become None: strict JSON has no NaN, and a NaN loss must not turn a read into a 500."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class CatchAll:
+    """Turns an exception no handler caught into a JSON 500.
+
+    Why not ``app.exception_handler(Exception)``: Starlette re-raises after that handler, and
+    uvicorn then drops the keep-alive connection, so a rank's next report fails too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            log.error("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if started:  # too late for a clean answer: let the server close the connection
+                raise
+            body = {"detail": f"internal error: {type(exc).__name__}"}
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"}
+}
+
+
+_BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="the run's token (<run_dir>/token)")
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+
+
+def _auth_dependency(token: str) -> Any:
+    def require_token(creds: BearerCredentials) -> None:
+        if creds is None or not tokens_equal(creds.credentials, token):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return Depends(require_token)
+
+
+def create_app(store: Store, controller: Controller, *, token: str, require_token_for_reads: bool) -> FastAPI:
+    if not token:
+        raise ValueError("create_app: an empty token would let anyone write")
+    app = FastAPI(title="milepost daemon", version="1", summary="Supervisor of an LLM RL post-training run")
+    app.add_middleware(CatchAll)
+    auth = _auth_dependency(token)
+    read_deps = [auth] if require_token_for_reads else []
+    read_errors = _ERRORS if require_token_for_reads else {}
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> dict[str, Any]:
+        return {"ok": True}
+
+    @app.get(f"{API}/status", response_model=Status, dependencies=read_deps, responses=read_errors)
+    def status() -> dict[str, Any]:
+        return json_safe(controller.status())
+
+    @app.get(f"{API}/goodput", response_model=Goodput, dependencies=read_deps, responses=read_errors)
+    def goodput() -> dict[str, Any]:
+        return json_safe(controller.goodput())
+
+    @app.get(f"{API}/ranks", response_model=Ranks, dependencies=read_deps, responses=read_errors)
+    def ranks() -> dict[str, Any]:
+        return {"ranks": json_safe(controller.ranks())}
+
+    @app.get(f"{API}/attempts", response_model=Attempts, dependencies=read_deps, responses=read_errors)
+    def attempts() -> dict[str, Any]:
+        return {"attempts": json_safe(store.attempts())}
+
+    @app.get(f"{API}/events", response_model=Events, dependencies=read_deps, responses=read_errors)
+    def events(
+        since_id: Annotated[int, Query(ge=0, le=I64_MAX)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 200,
+        kind: Annotated[str | None, Query(max_length=256)] = None,
+        attempt: Annotated[int | None, Query(ge=0, le=I64_MAX)] = None,
+        newest_first: bool = False,
+    ) -> dict[str, Any]:
+        rows = store.events(
+            since_id=since_id, limit=limit, kind=kind, attempt=attempt, newest_first=newest_first
+        )
+        last_id = max((int(r["id"]) for r in rows), default=since_id)
+        return {"events": json_safe(rows), "last_id": last_id}
+
+    @app.get(f"{API}/steps", response_model=Steps, dependencies=read_deps, responses=read_errors)
+    def steps(
+        since: Annotated[int, Query(ge=0, le=I64_MAX)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_STEPS)] = MAX_STEPS,
+    ) -> dict[str, Any]:
+        return {"steps": json_safe(store.steps(since=since, limit=limit))}
+
+    @app.get(f"{API}/checkpoints", response_model=Checkpoints, dependencies=read_deps, responses=read_errors)
+    def checkpoints() -> dict[str, Any]:
+        return {"checkpoints": json_safe(store.checkpoints())}
+
+    @app.post(
+        f"{API}/control/{{action}}",
+        response_model=ControlResult,
+        dependencies=[auth],
+        responses={
+            **_ERRORS,
+            409: {"model": ErrorBody, "description": "not possible in the run's current state"},
+        },
+    )
+    def control(action: ControlAction) -> dict[str, Any]:
+        try:
+            return json_safe(controller.control(action.value))
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from e
+
+    @app.post(
+        f"{API}/ingest",
+        response_model=IngestResult,
+        dependencies=[auth],
+        responses={**_ERRORS, 400: {"model": ErrorBody, "description": "reports the controller refused"}},
+    )
+    def ingest(batch: IngestBatch) -> dict[str, Any]:
+        try:
+            return json_safe(controller.ingest(batch.model_dump()))
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+
+    return app

@@ -1,0 +1,128 @@
+"""milepost: the command line.
+
+milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done]
+    validates the job, then starts the daemon that supervises it (re-attaching to a
+    running attempt when the run dir already has one).
+milepost status [--run-dir DIR]      a readable summary of a run
+milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from milepost.engine.configio import ConfigError
+from milepost.engine.jobspec import load_ops_view
+
+
+def _run_dir(job: str | None, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    if job:
+        run = load_ops_view(job).run
+        return Path(run.run_dir or f"runs/{run.name}")
+    return Path("runs") / "tiny-grpo-cpu"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from milepost.engine.config import load_job  # full validation (imports torch) before the daemon starts
+
+    from .main import DAEMON_FILE, daemon_running
+
+    try:
+        load_job(args.job)
+    except ConfigError as e:
+        print(f"milepost: config error: {e}", file=sys.stderr)
+        return 2
+    run_dir = _run_dir(args.job, args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (other := daemon_running(run_dir)) is not None:
+        print(f"milepost: a daemon already supervises {run_dir}: pid {other['pid']}, {other['url']}")
+        return 1
+    cmd = [sys.executable, "-m", "milepost.daemon.main", args.job, "--run-dir", str(run_dir)]
+    if args.ray_address:
+        cmd += ["--ray-address", args.ray_address]
+    if args.exit_when_done:
+        cmd.append("--exit-when-done")
+    if not args.detach:
+        print(
+            f"milepost: supervising {args.job} in {run_dir}; the API URL is in {run_dir / DAEMON_FILE}",
+            flush=True,
+        )
+        # A fresh interpreter: the daemon itself never imports torch.
+        os.execv(sys.executable, cmd)
+    with (run_dir / "daemon.out").open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            info = json.loads((run_dir / DAEMON_FILE).read_text())
+            if info.get("pid") == proc.pid:
+                print(f"milepost: daemon pid {proc.pid} at {info['url']} (run dir {run_dir})")
+                print(f"  status:  milepost status --run-dir {run_dir}")
+                print(f"  api:     {info['url']}/api/v1/status   (token in {run_dir / 'token'})")
+                return 0
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            print(f"milepost: the daemon exited with code {proc.returncode}; see {run_dir / 'daemon.out'}")
+            return 1
+        time.sleep(0.2)
+    print(f"milepost: the daemon did not come up in 30 s; see {run_dir / 'daemon.out'}", file=sys.stderr)
+    return 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status_cli import main_status
+
+    return main_status(str(_run_dir(None, args.run_dir)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="milepost", description="milepost: keep RL post-training runs alive and visible"
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="start the daemon supervising a job")
+    r.add_argument("job", help="job TOML file, e.g. examples/tiny-grpo-cpu.toml")
+    r.add_argument(
+        "--run-dir", default=None, help="run directory (default: the job's run.run_dir or runs/<name>)"
+    )
+    r.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (default: a local one on loopback)"
+    )
+    r.add_argument("--detach", action="store_true", help="start the daemon in the background and return")
+    r.add_argument("--exit-when-done", action="store_true", help="exit once the run succeeds, fails or stops")
+    r.set_defaults(func=_cmd_run)
+    s = sub.add_parser("status", help="a readable summary of a run")
+    s.add_argument("--run-dir", default=None, help="run directory (default: runs/tiny-grpo-cpu)")
+    s.set_defaults(func=_cmd_status)
+    sub.add_parser(
+        "engine", help="run the engine alone (one attempt); see milepost engine -h", add_help=False
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "engine":
+        from milepost.engine.cli import main as engine_main
+
+        return engine_main(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"milepost: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

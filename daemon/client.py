@@ -1,0 +1,142 @@
+"""Typed HTTP client of the daemon's API.
+
+The dashboard and ``milepost status`` import only this module (and :mod:`milepost.daemon.auth`):
+httpx, no torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from milepost.daemon.auth import read_token
+
+DAEMON_FILE = "daemon.json"
+API = "/api/v1"
+
+
+class DaemonError(Exception):
+    """A non-2xx answer from the daemon (status_code is the HTTP status)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(f"daemon answered {status_code}: {message}" if status_code else message)
+        self.status_code = status_code
+        self.message = message
+
+
+class DaemonUnreachable(DaemonError):
+    """No daemon to talk to: no daemon.json, or nothing answers at its URL (status_code 0)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
+
+
+def read_daemon_file(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``<run_dir>/daemon.json`` (url, pid, started_at); DaemonUnreachable if absent or unreadable."""
+    path = Path(run_dir) / DAEMON_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DaemonUnreachable(f"no {path}: is a daemon running for this run dir?") from None
+    except (OSError, ValueError) as e:
+        raise DaemonUnreachable(f"cannot read {path}: {e}") from e
+    if not isinstance(info, dict) or not isinstance(info.get("url"), str):
+        raise DaemonUnreachable(f"{path} has no 'url'")
+    return info
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail", resp.text)
+    except (ValueError, AttributeError):
+        return resp.text or resp.reason_phrase
+    if isinstance(detail, list):  # FastAPI validation errors: one entry per bad field
+        return "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail if isinstance(d, dict)
+        )
+    return str(detail)
+
+
+class DaemonClient:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # trust_env=False: an HTTP(S)_PROXY meant for the internet must not swallow loopback calls.
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, trust_env=False)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | os.PathLike[str], timeout_s: float = 5.0) -> DaemonClient:
+        """A client for the daemon of ``run_dir``; never creates a token file."""
+        return cls(read_daemon_file(run_dir)["url"], token=read_token(run_dir), timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            resp = self._http.request(method, path, params=params)
+        except httpx.TransportError as e:
+            raise DaemonUnreachable(f"cannot reach the daemon at {self.url}: {e}") from e
+        if not resp.is_success:
+            raise DaemonError(resp.status_code, _error_message(resp))
+        try:
+            return resp.json()
+        except ValueError as e:
+            raise DaemonError(resp.status_code, f"not JSON: {resp.text[:200]!r}") from e
+
+    # -- reads ----------------------------------------------------------------
+    def healthz(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/healthz"))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._request("GET", f"{API}/status"))
+
+    def goodput(self) -> dict[str, Any]:
+        return dict(self._request("GET", f"{API}/goodput"))
+
+    def ranks(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"{API}/ranks")["ranks"])
+
+    def attempts(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"{API}/attempts")["attempts"])
+
+    def events(
+        self,
+        since_id: int = 0,
+        limit: int = 200,
+        kind: str | None = None,
+        attempt: int | None = None,
+        newest_first: bool = False,
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"since_id": since_id, "limit": limit}
+        if kind is not None:
+            params["kind"] = kind
+        if attempt is not None:
+            params["attempt"] = attempt
+        if newest_first:
+            params["newest_first"] = "true"
+        return list(self._request("GET", f"{API}/events", params)["events"])
+
+    def steps(self, since: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"{API}/steps", {"since": since, "limit": limit})["steps"])
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"{API}/checkpoints")["checkpoints"])
+
+    # -- writes ---------------------------------------------------------------
+    def control(self, action: str) -> dict[str, Any]:
+        """pause | resume | stop | checkpoint; DaemonError 409 when the run's state forbids it."""
+        return dict(self._request("POST", f"{API}/control/{quote(action, safe='')}"))

@@ -1,0 +1,139 @@
+"""The daemon process: owns the run directory, the store, the HTTP API and the supervisor.
+
+    python -m milepost.daemon.main JOB.toml --run-dir DIR [--ray-address ADDR] [--exit-when-done]
+
+Normally started by ``milepost run``. It imports no torch: it comes up in about a
+second and survives whatever kills the workers. Its API URL, pid and port go to
+``<run_dir>/daemon.json``; a restarted daemon takes the same port again so that the
+ranks' reporters, which keep retrying, find it where they left it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+DAEMON_FILE = "daemon.json"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_port(run_dir: Path, host: str, configured: int) -> int:
+    if configured:
+        return configured
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        previous = int(json.loads((run_dir / DAEMON_FILE).read_text())["port"])
+        if _port_free(host, previous):
+            return previous
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def daemon_running(run_dir: Path) -> dict[str, object] | None:
+    """The daemon.json of a live daemon on this run dir, if there is one."""
+    from .supervisor import pid_alive, pid_cmdline
+
+    try:
+        info = json.loads((run_dir / DAEMON_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(info.get("pid", 0))
+    if pid and pid != os.getpid() and pid_alive(pid) and "milepost.daemon" in pid_cmdline(pid):
+        return dict(info)
+    return None
+
+
+def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool) -> int:
+    import uvicorn
+    from milepost.engine.configio import ConfigError
+    from milepost.engine.jobspec import load_ops_view
+
+    from .api import create_app
+    from .auth import load_or_create_token
+    from .store import Store
+    from .supervisor import Supervisor
+
+    try:
+        ops = load_ops_view(job)
+    except ConfigError as e:
+        print(f"milepost daemon: config error: {e}", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (other := daemon_running(run_dir)) is not None:
+        print(
+            f"milepost daemon: already running for {run_dir} (pid {other['pid']}, {other['url']})",
+            file=sys.stderr,
+        )
+        return 1
+    host = ops.supervisor.api_host
+    port = _pick_port(run_dir, host, ops.supervisor.api_port)
+    url = f"http://{host}:{port}"
+    store = Store(run_dir)
+    token = load_or_create_token(run_dir)
+    sup = Supervisor(
+        job=str(Path(job).resolve()),
+        run_dir=run_dir,
+        ops=ops,
+        store=store,
+        token=token,
+        api_url=url,
+        ray_address=ray_address,
+    )
+    app = create_app(store, sup, token=token, require_token_for_reads=host not in LOOPBACK)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+
+    info = {"url": url, "port": port, "pid": os.getpid(), "started_at": time.time(), "job": sup.job}
+    tmp = run_dir / (DAEMON_FILE + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, run_dir / DAEMON_FILE)
+
+    def supervise() -> None:
+        sup.start()
+        sup.loop()
+        if exit_when_done:
+            server.should_exit = True
+
+    threading.Thread(target=supervise, name="milepost-supervisor", daemon=True).start()
+    logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
+    server.run()
+    sup.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="milepost-daemon", description=__doc__.splitlines()[0])
+    p.add_argument("job")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--exit-when-done", action="store_true")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s daemon: %(message)s",
+        handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "daemon.log")],
+    )
+    return serve(args.job, run_dir, ray_address=args.ray_address, exit_when_done=args.exit_when_done)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The daemon's single source of truth: one SQLite database (WAL) per run directory.
+
+Holds the run, its attempts, events, per-step records, checkpoints, the latest report
+of every rank and the ingest offsets of the files it tails. Metrics, the API and the
+dashboard are derived from it. Safe to use from several threads of one process.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DB_FILE = "milepost.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    id TEXT PRIMARY KEY, name TEXT, job TEXT, run_dir TEXT, state TEXT, reason TEXT,
+    created_at REAL, updated_at REAL, target_steps INTEGER
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    number INTEGER PRIMARY KEY, pid INTEGER, state TEXT, world_size INTEGER,
+    started_at REAL, ended_at REAL, exit_code INTEGER, reason TEXT,
+    start_step INTEGER, resumed_from INTEGER, verified INTEGER, last_step INTEGER
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, kind TEXT, severity TEXT, message TEXT,
+    attempt INTEGER, role TEXT, rank INTEGER, step INTEGER, data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_kind ON events(kind);
+CREATE TABLE IF NOT EXISTS steps (
+    step INTEGER PRIMARY KEY, attempt INTEGER, ts REAL, record TEXT
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    step INTEGER PRIMARY KEY, path TEXT, status TEXT, reason TEXT, world_size INTEGER,
+    state_checksum TEXT, committed_at REAL, attempt INTEGER
+);
+CREATE TABLE IF NOT EXISTS ranks (
+    role TEXT, rank INTEGER, attempt INTEGER, data TEXT, received_at REAL,
+    PRIMARY KEY (role, rank)
+);
+CREATE TABLE IF NOT EXISTS offsets (name TEXT PRIMARY KEY, value INTEGER);
+CREATE TABLE IF NOT EXISTS reports_seen (
+    attempt INTEGER, role TEXT, rank INTEGER, seq INTEGER, PRIMARY KEY (attempt, role, rank)
+);
+"""
+
+
+def _row(cur: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+    return {d[0]: v for d, v in zip(cur.description, row, strict=True)}
+
+
+class Store:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / DB_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = _row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return dict(row) if row else None
+
+    # -- run ------------------------------------------------------------------
+    def ensure_run(
+        self, *, run_id: str, name: str, job: str, run_dir: str, target_steps: int
+    ) -> dict[str, Any]:
+        now = time.time()
+        self._exec(
+            "INSERT OR IGNORE INTO run (id, name, job, run_dir, state, reason, created_at, updated_at, target_steps)"
+            " VALUES (?, ?, ?, ?, 'STARTING', '', ?, ?, ?)",
+            (run_id, name, job, run_dir, now, now, target_steps),
+        )
+        run = self.run()
+        assert run is not None
+        return run
+
+    def run(self) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM run LIMIT 1")
+
+    def set_run_state(self, state: str, reason: str = "") -> None:
+        self._exec("UPDATE run SET state = ?, reason = ?, updated_at = ?", (state, reason, time.time()))
+
+    # -- attempts -------------------------------------------------------------
+    def add_attempt(self, number: int, *, pid: int, world_size: int) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO attempts (number, pid, state, world_size, started_at) VALUES (?, ?, 'RUNNING', ?, ?)",
+            (number, pid, world_size, time.time()),
+        )
+
+    def update_attempt(self, number: int, **fields: Any) -> None:
+        if not fields:
+            return
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._exec(f"UPDATE attempts SET {cols} WHERE number = ?", (*fields.values(), number))  # noqa: S608
+
+    def attempts(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM attempts ORDER BY number")
+
+    def attempt(self, number: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM attempts WHERE number = ?", (number,))
+
+    def last_attempt(self) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM attempts ORDER BY number DESC LIMIT 1")
+
+    # -- events ---------------------------------------------------------------
+    def add_event(self, ev: dict[str, Any]) -> int:
+        cur = self._exec(
+            "INSERT INTO events (ts, kind, severity, message, attempt, role, rank, step, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ev.get("ts", time.time()),
+                ev["kind"],
+                ev.get("severity", "info"),
+                ev.get("message", ""),
+                ev.get("attempt"),
+                ev.get("role", "daemon"),
+                ev.get("rank"),
+                ev.get("step"),
+                json.dumps(ev.get("data") or {}, default=str),
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    def events(
+        self,
+        *,
+        since_id: int = 0,
+        limit: int = 1000,
+        kind: str | None = None,
+        attempt: int | None = None,
+        newest_first: bool = False,
+    ) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM events WHERE id > ?"
+        args: list[Any] = [since_id]
+        if kind:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        if attempt is not None:
+            sql, args = sql + " AND attempt = ?", [*args, attempt]
+        order = "DESC" if newest_first else "ASC"
+        rows = self._all(sql + f" ORDER BY id {order} LIMIT ?", (*args, limit))
+        for r in rows:
+            r["data"] = json.loads(r["data"] or "{}")
+        return rows
+
+    def count_events(self, kind: str) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM events WHERE kind = ?", (kind,))
+        return int(row["n"]) if row else 0
+
+    # -- steps ----------------------------------------------------------------
+    def add_step(self, record: dict[str, Any]) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO steps (step, attempt, ts, record) VALUES (?, ?, ?, ?)",
+            (record["step"], record.get("attempt"), record.get("ts", time.time()), json.dumps(record)),
+        )
+
+    def steps(self, *, since: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
+        rows = self._all("SELECT record FROM steps WHERE step > ? ORDER BY step LIMIT ?", (since, limit))
+        return [json.loads(r["record"]) for r in rows]
+
+    def last_step(self) -> dict[str, Any] | None:
+        row = self._one("SELECT record FROM steps ORDER BY step DESC LIMIT 1")
+        return json.loads(row["record"]) if row else None
+
+    # -- checkpoints ----------------------------------------------------------
+    def upsert_checkpoint(self, step: int, **fields: Any) -> None:
+        self._exec("INSERT OR IGNORE INTO checkpoints (step) VALUES (?)", (step,))
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._exec(f"UPDATE checkpoints SET {cols} WHERE step = ?", (*fields.values(), step))  # noqa: S608
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM checkpoints ORDER BY step DESC")
+
+    # -- ranks ----------------------------------------------------------------
+    def upsert_rank(self, role: str, rank: int, attempt: int, data: dict[str, Any]) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO ranks (role, rank, attempt, data, received_at) VALUES (?, ?, ?, ?, ?)",
+            (role, rank, attempt, json.dumps(data, default=str), time.time()),
+        )
+
+    def ranks(self) -> list[dict[str, Any]]:
+        rows = self._all("SELECT * FROM ranks ORDER BY role, rank")
+        for r in rows:
+            r["data"] = json.loads(r["data"])
+        return rows
+
+    def clear_ranks(self) -> None:
+        self._exec("DELETE FROM ranks")
+
+    def seen_seq(self, attempt: int, role: str, rank: int) -> int:
+        row = self._one(
+            "SELECT seq FROM reports_seen WHERE attempt = ? AND role = ? AND rank = ?", (attempt, role, rank)
+        )
+        return int(row["seq"]) if row else 0
+
+    def set_seen_seq(self, attempt: int, role: str, rank: int, seq: int) -> None:
+        self._exec("INSERT OR REPLACE INTO reports_seen VALUES (?, ?, ?, ?)", (attempt, role, rank, seq))
+
+    # -- offsets of tailed files ----------------------------------------------
+    def offset(self, name: str) -> int:
+        row = self._one("SELECT value FROM offsets WHERE name = ?", (name,))
+        return int(row["value"]) if row else 0
+
+    def set_offset(self, name: str, value: int) -> None:
+        self._exec("INSERT OR REPLACE INTO offsets (name, value) VALUES (?, ?)", (name, value))
