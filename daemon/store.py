@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS ranks (
 );
 CREATE TABLE IF NOT EXISTS offsets (name TEXT PRIMARY KEY, value INTEGER);
 CREATE TABLE IF NOT EXISTS reports_seen (
-    attempt INTEGER, role TEXT, rank INTEGER, seq INTEGER, PRIMARY KEY (attempt, role, rank)
+    attempt INTEGER, role TEXT, rank INTEGER, seq INTEGER, received INTEGER,
+    PRIMARY KEY (attempt, role, rank)
 );
 """
 
@@ -207,14 +208,22 @@ class Store:
     def clear_ranks(self) -> None:
         self._exec("DELETE FROM ranks")
 
-    def seen_seq(self, attempt: int, role: str, rank: int) -> int:
+    def seen_seq(self, attempt: int, role: str, rank: int) -> tuple[int, int]:
+        """(highest report seq, reports received) of one rank in one attempt."""
         row = self._one(
-            "SELECT seq FROM reports_seen WHERE attempt = ? AND role = ? AND rank = ?", (attempt, role, rank)
+            "SELECT seq, received FROM reports_seen WHERE attempt = ? AND role = ? AND rank = ?",
+            (attempt, role, rank),
         )
-        return int(row["seq"]) if row else 0
+        return (int(row["seq"]), int(row["received"])) if row else (0, 0)
 
-    def set_seen_seq(self, attempt: int, role: str, rank: int, seq: int) -> None:
-        self._exec("INSERT OR REPLACE INTO reports_seen VALUES (?, ?, ?, ?)", (attempt, role, rank, seq))
+    def set_seen_seq(self, attempt: int, role: str, rank: int, seq: int, received: int) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO reports_seen VALUES (?, ?, ?, ?, ?)", (attempt, role, rank, seq, received)
+        )
+
+    def report_gaps(self) -> list[dict[str, Any]]:
+        """Per rank and attempt: reports sent (highest seq) versus received; a gap is a lost report."""
+        return self._all("SELECT attempt, role, rank, seq, received, seq - received AS lost FROM reports_seen")
 
     # -- offsets of tailed files ----------------------------------------------
     def offset(self, name: str) -> int:

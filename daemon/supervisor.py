@@ -523,13 +523,13 @@ class Supervisor:
         driver_seen = False
         for rep in batch.get("reports", []):
             key = (int(rep["attempt"]), str(rep["role"]), int(rep["rank"]))
-            stats = self.report_stats.setdefault(key, [self.store.seen_seq(*key), 0])
+            stats = self.report_stats.setdefault(key, list(self.store.seen_seq(*key)))
             if rep["seq"] <= stats[0]:
                 continue  # a replay of what we already have
             stats[0] = rep["seq"]
             stats[1] += 1
             accepted += 1
-            self.store.set_seen_seq(*key, rep["seq"])
+            self.store.set_seen_seq(*key, stats[0], stats[1])
             if key[0] == self.attempt_no:
                 self.store.upsert_rank(key[1], key[2], key[0], rep)
                 driver_seen = driver_seen or key[1] == "driver"
@@ -578,6 +578,7 @@ class Supervisor:
             "reward_mean": last.get("reward_mean") if last else None,
             "last_step_at": last.get("ts") if last else None,
             "progress_bound_s": self.progress_bound(),
+            "reports_lost": sum(max(0, g["lost"]) for g in self.store.report_gaps()),
         }
 
     def goodput(self) -> dict[str, Any]:

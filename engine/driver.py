@@ -148,13 +148,16 @@ class Engine:
             ranks=infos,
         )
 
-    def _stop_actors(self) -> None:
+    def _stop_actors(self, *, graceful: bool) -> None:
+        """Graceful: ranks flush their checkpoint and reporters first. Otherwise kill at once:
+        after a failure the survivors may sit in a collective with a dead peer."""
         import ray
 
-        try:
-            ray.get([a.shutdown.remote() for a in self.trainers + self.workers], timeout=120)
-        except Exception as e:
-            log.warning("actor shutdown: %r", e)
+        if graceful:
+            try:
+                ray.get([a.shutdown.remote() for a in self.trainers + self.workers], timeout=120)
+            except Exception as e:
+                log.warning("actor shutdown: %r", e)
         for a in self.trainers + self.workers:
             ray.kill(a, no_restart=True)
         self.trainers, self.workers = [], []
@@ -385,6 +388,7 @@ class Engine:
 
         max_ws = self.cfg.trainer.max_world_size if self.elastic else self.world_size
         started_ray = ensure_ray(self.cfg.ray, needed_cpus=max_ws + self.cfg.rollout.workers)
+        ok = False
         try:
             if self.elastic:
                 self.world_size = self._choose_world_size()
@@ -418,6 +422,7 @@ class Engine:
                 state_checksum=final,
                 stopped=self.stopped,
             )
+            ok = True
             return RunResult(
                 start_step=start,
                 final_step=final_step,
@@ -428,7 +433,7 @@ class Engine:
                 steps=results,
             )
         finally:
-            self._stop_actors()
+            self._stop_actors(graceful=ok)
             self.rt.close()
             if started_ray:
                 ray.shutdown()
@@ -444,7 +449,11 @@ class ActorFailure(RuntimeError):
         self.kind = type(inner).__name__
         self.died = "ActorDied" in self.kind or "ActorUnavailable" in self.kind
         text = str(inner).strip()
-        first = text.splitlines()[-1] if text else self.kind
+        if self.died:
+            # Ray's text is a paragraph of possible causes; its first sentence is the fact.
+            first = text.split(". ")[0] if text else self.kind
+        else:
+            first = text.splitlines()[-1] if text else self.kind
         why = "process died" if self.died else f"raised {self.kind}"
         super().__init__(f"{role} {rank} {why}: {first[:300]}")
 

@@ -135,9 +135,6 @@ class TrainerRank:
         }
 
     # -- training -------------------------------------------------------------
-    def _rows(self, n: int) -> torch.Tensor:
-        return torch.tensor_split(torch.arange(n), self.world_size)[self.rank]
-
     def train_step(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step per minibatch over this rank's share of the global batch."""
         assert self.model is not None and self.optim is not None
@@ -147,18 +144,23 @@ class TrainerRank:
         self.rt.faults.check(step)
         t0 = time.perf_counter()
         with self.inst.step(step), self.inst.phase("train"):
-            mine = self._rows(n)
+            # This rank's share of each minibatch; old log-probs for all of them in one pass.
+            parts = [
+                torch.tensor_split(mb, self.world_size)[self.rank]
+                for mb in torch.tensor_split(torch.arange(n), cfg.minibatches)
+            ]
+            mine = torch.cat(parts)
             with torch.no_grad():
                 old_logp = response_logprobs(self.model, prompts[mine], responses[mine])
                 ref_logp = response_logprobs(self.ref, prompts[mine], responses[mine]) if self.ref else None
             totals = torch.zeros(
                 5, dtype=torch.float64
             )  # loss*tokens, clipped tokens, kl*tokens, tokens, grad_norm
-            for mb in torch.tensor_split(torch.arange(n), cfg.minibatches):
-                local = torch.tensor_split(mb, self.world_size)[self.rank]
-                # Indices of this minibatch within this rank's rows (both are contiguous ranges).
-                idx = local - mine[0] if len(mine) else local
-                global_tokens = len(mb) * resp_len
+            offset = 0
+            for local in parts:
+                idx = slice(offset, offset + len(local))
+                offset += len(local)
+                global_tokens = (n // cfg.minibatches) * resp_len
                 new_logp = response_logprobs(self.model, prompts[local], responses[local])
                 loss, stats = policy_loss(
                     new_logp,

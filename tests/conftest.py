@@ -20,7 +20,7 @@ def tiny_job(**overrides: dict[str, Any]) -> dict[str, Any]:
     """A job small enough for tests: a few steps of a small batch, checkpoints every 2 steps."""
     doc: dict[str, dict[str, Any]] = {
         "run": {"name": "test", "seed": 7, "steps": 6},
-        "grpo": {"prompts_per_step": 4, "group_size": 4},
+        "grpo": {"prompts_per_step": 4, "group_size": 4, "minibatches": 2},
         "trainer": {"world_size": 2, "max_world_size": 3, "collective_timeout_s": 60.0},
         "rollout": {"workers": 1},
         "checkpoint": {"interval": 2, "keep_last": 10},
