@@ -223,7 +223,9 @@ class Store:
 
     def report_gaps(self) -> list[dict[str, Any]]:
         """Per rank and attempt: reports sent (highest seq) versus received; a gap is a lost report."""
-        return self._all("SELECT attempt, role, rank, seq, received, seq - received AS lost FROM reports_seen")
+        return self._all(
+            "SELECT attempt, role, rank, seq, received, seq - received AS lost FROM reports_seen"
+        )
 
     # -- offsets of tailed files ----------------------------------------------
     def offset(self, name: str) -> int:

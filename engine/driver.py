@@ -10,6 +10,7 @@ against the manifest before it takes a single step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -158,6 +159,10 @@ class Engine:
                 ray.get([a.shutdown.remote() for a in self.trainers + self.workers], timeout=120)
             except Exception as e:
                 log.warning("actor shutdown: %r", e)
+        elif self.trainers:
+            # Rank 0 commits saves; if it is alive, a save in flight may still land (bounded wait).
+            with contextlib.suppress(Exception):
+                ray.get(self.trainers[0].wait_checkpoint.remote(5.0), timeout=6.0)
         for a in self.trainers + self.workers:
             ray.kill(a, no_restart=True)
         self.trainers, self.workers = [], []

@@ -1,0 +1,163 @@
+"""End-to-end faults under the real daemon: real attempt processes, real Ray, real gloo ranks.
+
+Each recovery test asserts its witnesses: the fault fired, the daemon diagnosed it (an
+event naming the rank and the cause), it restarted, and the resume was verified.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import DaemonRun
+
+pytestmark = pytest.mark.slow
+
+
+def job(steps: int = 8, **sections: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "run": {"name": "e2e", "seed": 11, "steps": steps},
+        "grpo": {"prompts_per_step": 8, "group_size": 4, "minibatches": 2},
+        "trainer": {"world_size": 2, "collective_timeout_s": 60.0},
+        "checkpoint": {"interval": 2, "keep_last": 3},
+        "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "startup_grace_s": 120.0},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            doc.setdefault(k, {}).update(v)
+        else:
+            doc[k] = v
+    return doc
+
+
+@pytest.fixture
+def daemon_run(tmp_path: Path) -> Iterator[Any]:
+    runs: list[DaemonRun] = []
+
+    def make(doc: dict[str, Any], **kw: Any) -> DaemonRun:
+        runs.append(DaemonRun(tmp_path, doc, **kw))
+        return runs[-1]
+
+    yield make
+    for r in runs:
+        r.cleanup()
+
+
+def _assert_recovered(run: DaemonRun, *, role: str, rank: int, cause: str, steps: int) -> None:
+    ended = run.events("attempt_ended")
+    assert ended and f"{role} {rank} {cause}" in ended[0]["message"], ended
+    assert run.events("restart_scheduled"), "no restart was scheduled"
+    verified = [e for e in run.events("resume_verified") if e["attempt"] >= 1]
+    assert verified, "the resumed attempt did not verify its checkpoint"
+    assert run.events("run_succeeded")
+    client = run.client()
+    assert [s["step"] for s in client.steps()] == list(range(1, steps + 1))
+    status = client.status()
+    assert status["state"] == "SUCCEEDED" and status["step"] == steps and status["restarts"] >= 1
+
+
+def test_sigkill_trainer_rank_restarts_from_checkpoint(daemon_run: Any) -> None:
+    run = daemon_run(job(steps=10))
+    client = run.start()
+    run.wait_step(3)
+    trainer = run.wait(
+        "trainer 1 report", lambda: [r for r in client.ranks() if r["role"] == "trainer" and r["rank"] == 1]
+    )[0]
+    os.kill(trainer["pid"], signal.SIGKILL)  # the fault, from outside, as an OOM killer would
+    run.wait_state("SUCCEEDED", "FAILED")
+    _assert_recovered(run, role="trainer", rank=1, cause="process died", steps=10)
+    failed = run.events("attempt_failed")[0]
+    assert failed["data"]["cause"] == "actor_died" and failed["data"]["role"] == "trainer"
+
+
+def test_killed_rollout_worker_recovers(daemon_run: Any) -> None:
+    run = daemon_run(job(faults=[{"kind": "kill", "role": "rollout", "rank": 0, "step": 5}]))
+    run.start()
+    run.wait_state("SUCCEEDED", "FAILED")
+    (fired,) = run.events("fault_injected")
+    assert fired["role"] == "rollout" and fired["step"] == 5
+    _assert_recovered(run, role="rollout", rank=0, cause="process died", steps=8)
+
+
+def test_exception_in_rank_recovers(daemon_run: Any) -> None:
+    run = daemon_run(job(faults=[{"kind": "exception", "role": "trainer", "rank": 0, "step": 5}]))
+    run.start()
+    run.wait_state("SUCCEEDED", "FAILED")
+    assert len(run.events("fault_injected")) == 1
+    _assert_recovered(run, role="trainer", rank=0, cause="raised InjectedFault", steps=8)
+
+
+def test_rank_that_always_fails_ends_failed_with_reason(daemon_run: Any) -> None:
+    run = daemon_run(
+        job(
+            supervisor={"no_progress_restarts": 2, "backoff_initial_s": 0.2},
+            faults=[{"kind": "exception", "role": "trainer", "rank": 1, "step": 1, "attempts": "all"}],
+        )
+    )
+    run.start()
+    status = run.wait_state("FAILED", "SUCCEEDED")
+    assert status["state"] == "FAILED"
+    assert "2 attempts in a row made no progress" in status["reason"]
+    assert "trainer 1 raised InjectedFault" in status["reason"]
+    assert len(run.events("fault_injected")) == 2 and len(run.events("restart_scheduled")) == 1
+    assert run.events("run_failed")
+
+
+def test_daemon_sigkill_reattaches_without_losing_reports(daemon_run: Any) -> None:
+    run = daemon_run(job(steps=60, grpo={"prompts_per_step": 32}))
+    run.start()
+    run.wait_step(3)
+    run.kill_daemon()
+    steps_file = run.run_dir / "steps.jsonl"
+    before = len(steps_file.read_text().splitlines())
+    run.wait(
+        "training to go on without the daemon",
+        lambda: len(steps_file.read_text().splitlines()) >= before + 3,
+        60,
+    )
+    client = run.start()
+    (reattached,) = run.wait("re-attach", lambda: run.events("daemon_reattached"), 30)
+    assert reattached["attempt"] == 0
+    status = run.wait_state("SUCCEEDED", "FAILED")
+    assert status["state"] == "SUCCEEDED"
+    assert [a["number"] for a in client.attempts()] == [0]  # no new attempt
+    assert [s["step"] for s in client.steps()] == list(range(1, 61))
+    # Every event the ranks wrote reached the store, and no report went missing.
+    written = len((run.run_dir / "events.jsonl").read_text().splitlines())
+    stored = [e for e in run.events() if e["role"] != "daemon"]
+    assert len(stored) == written
+    assert client.status()["reports_lost"] == 0
+
+
+def test_control_api_pause_resume_checkpoint_stop(daemon_run: Any) -> None:
+    import time
+
+    import httpx
+
+    run = daemon_run(job(steps=400))
+    client = run.start()
+    run.wait_step(2)
+    url = client.url
+    assert httpx.post(f"{url}/api/v1/control/pause").status_code == 401
+    assert client.control("pause")["state"] == "PAUSED"
+    run.wait("run_paused", lambda: run.events("run_paused"), 30)
+    held = run.status()["step"]
+    time.sleep(3)
+    assert run.status()["step"] == held
+    client.control("resume")
+    run.wait_step(held + 2, timeout=60)
+    client.control("checkpoint")
+    (requested,) = run.wait("checkpoint_requested", lambda: run.events("checkpoint_requested"), 30)
+    client.control("stop")
+    status = run.wait_state("STOPPED", "FAILED", "SUCCEEDED")
+    assert status["state"] == "STOPPED"
+    final = status["step"]
+    assert final < 400
+    newest = client.checkpoints()[0]
+    assert newest["step"] == final and newest["status"] == "committed"
+    assert requested["step"] <= final
