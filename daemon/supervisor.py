@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -94,6 +95,7 @@ class Supervisor:
         ] = {}  # (attempt, role, rank) -> [max seq, received]
         self.last_step_ts = 0.0
         self.done = threading.Event()
+        self.standby: dict[str, Any] | None = None
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +108,11 @@ class Supervisor:
             target_steps=self.ops.run.steps,
         )
         self._tail()
+        orphan = self.store.offset("standby_pid")
+        if orphan and pid_alive(orphan) and "--standby-dir" in pid_cmdline(orphan):
+            # A standby of the previous daemon: it waits for a go file that no one will write.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(orphan, signal.SIGKILL)
         last = self.store.last_attempt()
         if run["state"] in TERMINAL:
             self.event("daemon_started", f"run already {run['state']}: {run['reason']}")
@@ -163,47 +170,77 @@ class Supervisor:
         )
 
     # -- attempts -------------------------------------------------------------
+    def _spawn(self, n: int, standby_dir: Path | None = None) -> subprocess.Popen[bytes]:
+        logs = self.run_dir / "attempts"
+        logs.mkdir(exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "milepost.engine.cli",
+            "engine",
+            self.job,
+            "--run-dir",
+            str(self.run_dir),
+            "--attempt",
+            str(n),
+            "--daemon-url",
+            self.api_url,
+            "--elastic",
+            "--no-progress",
+        ]
+        if self.ray_address:
+            cmd += ["--ray-address", self.ray_address]
+        if standby_dir is not None:
+            cmd += ["--standby-dir", str(standby_dir)]
+        env = {
+            **os.environ,
+            "MILEPOST_TOKEN": self.token,
+            "PYTHONUNBUFFERED": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        env.setdefault("RAY_AUTH_MODE", "disabled")
+        with (logs / f"attempt_{n}.log").open("ab") as out:
+            # A session of its own: the attempt outlives the daemon (separate failure domains).
+            return subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=os.getcwd()
+            )
+
+    def _spawn_standby(self) -> None:
+        """Starts the next attempt as a warm standby (imports done, Ray up), waiting for its go file."""
+        n = self.attempt_no + 1
+        where = self.run_dir / "attempts" / f"standby_{n}"
+        if where.exists():
+            shutil.rmtree(where, ignore_errors=True)
+        self.standby = {"attempt": n, "dir": where, "proc": self._spawn(n, where)}
+        self.store.set_offset("standby_pid", self.standby["proc"].pid)
+
+    def _drop_standby(self) -> None:
+        if self.standby is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.standby["proc"].pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.standby["proc"].wait(timeout=10)
+            self.standby = None
+            self.store.set_offset("standby_pid", 0)
+
     def _launch(self) -> None:
         with self._lock:
-            self.attempt_no += 1
-            n = self.attempt_no
-            logs = self.run_dir / "attempts"
-            logs.mkdir(exist_ok=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "milepost.engine.cli",
-                "engine",
-                self.job,
-                "--run-dir",
-                str(self.run_dir),
-                "--attempt",
-                str(n),
-                "--daemon-url",
-                self.api_url,
-                "--elastic",
-                "--no-progress",
-            ]
-            if self.ray_address:
-                cmd += ["--ray-address", self.ray_address]
-            env = {
-                **os.environ,
-                "MILEPOST_TOKEN": self.token,
-                "PYTHONUNBUFFERED": "1",
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                "RAY_USAGE_STATS_ENABLED": "0",
-            }
-            env.setdefault("RAY_AUTH_MODE", "disabled")
-            with (logs / f"attempt_{n}.log").open("ab") as out:
-                # A session of its own: the attempt outlives the daemon (separate failure domains).
-                self.proc = subprocess.Popen(
-                    cmd,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                    cwd=os.getcwd(),
-                )
+            n = self.attempt_no + 1
+            sb = self.standby
+            warm = bool(
+                sb is not None
+                and sb["attempt"] == n
+                and sb["proc"].poll() is None
+                and (sb["dir"] / "ready").exists()
+            )
+            if warm and sb is not None:
+                (sb["dir"] / "go").touch()
+                self.proc, self.standby = sb["proc"], None
+            else:
+                self._drop_standby()
+                self.proc = self._spawn(n)
+            self.attempt_no = n
             self.attempt_pid = self.proc.pid
             self.attempt_started = time.time()
             self.attempt_outcome = {}
@@ -220,11 +257,13 @@ class Supervisor:
             else:
                 self.store.set_run_state("RUNNING" if n == 0 else "RECOVERING")
             self.next_launch_at = None
+            how = "from its warm standby" if warm else "cold"
             self.event(
                 "attempt_launched",
-                f"attempt {n} launched (pid {self.proc.pid})",
+                f"attempt {n} launched {how} (pid {self.proc.pid})",
                 attempt=n,
                 pid=self.proc.pid,
+                warm=warm,
             )
 
     def _kill_attempt(self, reason: str) -> None:
@@ -336,6 +375,7 @@ class Supervisor:
         )
 
     def _finish(self, state: str, reason: str) -> None:
+        self._drop_standby()
         self.store.set_run_state(state, reason)
         self.event(
             f"run_{state.lower()}", f"run {state}: {reason}", "info" if state != "FAILED" else "critical"
@@ -366,6 +406,8 @@ class Supervisor:
             return
         if run.get("state") in ("RECOVERING",) and self.last_step_ts > self.attempt_started:
             self.store.set_run_state("RUNNING")
+        if self.sup.standby and self.standby is None and self.last_step_ts > self.attempt_started:
+            self._spawn_standby()
         problem = self._detect()
         if problem is not None:
             kind, message, data = problem

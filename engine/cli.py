@@ -11,7 +11,9 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_job
@@ -29,6 +31,8 @@ def _engine(args: argparse.Namespace) -> int:
     if args.ray_address:
         cfg.ray.address = args.ray_address
     run_dir = cfg.run_dir(args.run_dir)
+    if args.standby_dir:
+        _standby(cfg, Path(args.standby_dir))
     bar = tqdm(total=args.steps or cfg.run.steps, desc=cfg.run.name, unit="step", dynamic_ncols=True)
 
     def on_step(res: StepResult) -> None:
@@ -68,6 +72,21 @@ def _engine(args: argparse.Namespace) -> int:
         print(f"nothing to do: the run is already at step {result.final_step}")
     print(f"final state checksum {result.final_checksum}")
     return 0
+
+
+def _standby(cfg: Any, where: Path) -> None:
+    """Warm standby for the daemon: imports done and Ray up, then wait for the go file.
+
+    The daemon keeps one of these ready while an attempt runs, so a restart skips the
+    interpreter, torch and Ray start-up (seconds of mean time to recovery).
+    """
+    from .cluster import ensure_ray
+
+    ensure_ray(cfg.ray, needed_cpus=cfg.trainer.max_world_size + cfg.rollout.workers)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "ready").write_text(str(os.getpid()))
+    while not (where / "go").exists():
+        time.sleep(0.05)
 
 
 def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
@@ -114,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--elastic", action="store_true", help="pick the world size from free trainer slots")
     e.add_argument("--attempt", type=int, default=0, help=argparse.SUPPRESS)
     e.add_argument("--daemon-url", default=None, help=argparse.SUPPRESS)
+    e.add_argument("--standby-dir", default=None, help=argparse.SUPPRESS)
     e.add_argument("--no-progress", action="store_true", help="no progress bar (used under the daemon)")
     e.set_defaults(func=_engine)
     return p

@@ -90,6 +90,7 @@ class SupervisorConfig:
     progress_floor_s: float = 60.0  # a step may take this long whatever its history
     progress_factor: float = 8.0  # ... or this many times the recent median step time
     report_interval_s: float = 1.0
+    standby: bool = True  # keep a warm standby attempt (imports done, Ray up) to cut restart time
     api_host: str = "127.0.0.1"
     api_port: int = 0  # 0: any free port (kept across daemon restarts)
 
