@@ -22,8 +22,11 @@ from milepost.daemon.api_models import (
     Checkpoints,
     ControlAction,
     ControlResult,
+    Diagnoses,
     ErrorBody,
     Events,
+    FaultRequest,
+    FaultResult,
     Goodput,
     Health,
     IngestBatch,
@@ -34,6 +37,8 @@ from milepost.daemon.api_models import (
 )
 from milepost.daemon.auth import tokens_equal
 from milepost.daemon.store import Store
+from milepost.daemon.telemetry import Telemetry
+from milepost.daemon.telemetry import install_routes as install_telemetry_routes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,12 @@ class Controller(Protocol):
 
     # each: role, rank, attempt, host, pid, step, phase, state, heartbeat_age_seconds
     def ranks(self) -> list[dict[str, Any]]: ...
+
+    # hang diagnoses, newest first: id, kind, culprit_ranks, group, seq, op, onset_at, detected_at, action
+    def diagnoses(self) -> list[dict[str, Any]]: ...
+
+    # queues a fault for a rank of the running attempt; ValueError when impossible (-> 409)
+    def inject(self, fault: dict[str, Any]) -> dict[str, Any]: ...
 
 
 def json_safe(value: Any) -> Any:
@@ -124,7 +135,15 @@ def _auth_dependency(token: str) -> Any:
     return Depends(require_token)
 
 
-def create_app(store: Store, controller: Controller, *, token: str, require_token_for_reads: bool) -> FastAPI:
+def create_app(
+    store: Store,
+    controller: Controller,
+    *,
+    token: str,
+    require_token_for_reads: bool,
+    telemetry: Telemetry | None = None,
+) -> FastAPI:
+    """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None)."""
     if not token:
         raise ValueError("create_app: an empty token would let anyone write")
     app = FastAPI(title="milepost daemon", version="1", summary="Supervisor of an LLM RL post-training run")
@@ -178,6 +197,22 @@ def create_app(store: Store, controller: Controller, *, token: str, require_toke
     def checkpoints() -> dict[str, Any]:
         return {"checkpoints": json_safe(store.checkpoints())}
 
+    @app.get(f"{API}/diagnoses", response_model=Diagnoses, dependencies=read_deps, responses=read_errors)
+    def diagnoses() -> dict[str, Any]:
+        return {"diagnoses": json_safe(controller.diagnoses())}
+
+    @app.post(
+        f"{API}/faults",
+        response_model=FaultResult,
+        dependencies=[auth],
+        responses={**_ERRORS, 409: {"model": ErrorBody, "description": "no attempt to inject into"}},
+    )
+    def faults(fault: FaultRequest) -> dict[str, Any]:
+        try:
+            return json_safe(controller.inject(fault.model_dump()))
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from e
+
     @app.post(
         f"{API}/control/{{action}}",
         response_model=ControlResult,
@@ -205,4 +240,12 @@ def create_app(store: Store, controller: Controller, *, token: str, require_toke
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
 
+    install_telemetry_routes(
+        app,
+        telemetry or Telemetry.standalone(),
+        auth=auth,
+        read_deps=read_deps,
+        read_errors=read_errors,
+        write_errors=_ERRORS,
+    )
     return app

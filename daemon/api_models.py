@@ -43,6 +43,38 @@ class OpenCollective(_Wire):
     enter_ts: FiniteFloat
 
 
+class CollectiveSummary(_Wire):
+    count: NonNegI64 = 0
+    seconds: FiniteFloat = 0.0
+    bytes: NonNegI64 = 0
+    world: NonNegI64 = 0
+    p99_s: FiniteFloat = 0.0
+
+
+class GpuDevice(_Wire):
+    """One GPU as the rank's NVML collector saw it (milepost.engine.gpu)."""
+
+    index: Annotated[int, Field(ge=0, le=1023)]
+    uuid: Name = ""
+    name: Name = ""
+    utilization: FiniteFloat | None = None
+    memory_used_bytes: NonNegI64 | None = None
+    memory_total_bytes: NonNegI64 | None = None
+    power_watts: FiniteFloat | None = None
+    temperature_celsius: FiniteFloat | None = None
+    ecc_errors: dict[Name, NonNegI64] = Field(default_factory=dict, max_length=8)
+    xid_errors: dict[Name, NonNegI64] = Field(default_factory=dict, max_length=256)
+    nvlink_tx_bytes: NonNegI64 | None = None
+    nvlink_rx_bytes: NonNegI64 | None = None
+
+
+class GpuSnapshot(_Wire):
+    up: Annotated[int, Field(ge=0, le=1)]
+    reason: Name
+    node: Name = ""
+    devices: list[GpuDevice] = Field(default_factory=list, max_length=64)
+
+
 class Report(_Wire):
     """One rank's periodic report: liveness, progress and every collective it is inside."""
 
@@ -62,6 +94,16 @@ class Report(_Wire):
     timings: dict[str, float] = Field(default_factory=dict, max_length=MAX_ITEMS)
     metrics: dict[str, float] = Field(default_factory=dict, max_length=MAX_ITEMS)
     counters: dict[str, I64] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    gpus: GpuSnapshot | None = None  # the rank's node, when the rank runs an NVML collector
+    coll_entered: dict[str, NonNegI64] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    coll_completed: dict[str, NonNegI64] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    collectives: dict[str, CollectiveSummary] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    # [group, seq, op, enter_ts, duration_s] of recently closed collectives
+    recent_collectives: list[tuple[Name, NonNegI64, Name, FiniteFloat, FiniteFloat]] = Field(
+        default_factory=list, max_length=MAX_ITEMS
+    )
+    compute: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    compute_hist: list[tuple[NonNegI64, FiniteFloat]] = Field(default_factory=list, max_length=MAX_ITEMS)
 
 
 class IngestBatch(_Wire):
@@ -183,6 +225,51 @@ class CheckpointView(_Open):
 
 class Checkpoints(BaseModel):
     checkpoints: list[CheckpointView]
+
+
+class DiagnosisView(_Open):
+    id: int
+    kind: str
+    culprit_ranks: list[Any]
+    group: str | None
+    seq: int | None
+    op: str | None
+    onset_at: float | None
+    detected_at: float | None
+    action: str | None
+
+
+class Diagnoses(BaseModel):
+    diagnoses: list[DiagnosisView]
+
+
+FaultKind = Literal[
+    "kill",
+    "exit",
+    "exception",
+    "hang",
+    "stall",
+    "skip-collective",
+    "slow",
+    "nan",
+    "rollout-crash",
+    "corrupt-checkpoint",
+]
+
+
+class FaultRequest(_Wire):
+    """A fault for one rank of the running attempt; it fires at its next step boundary at or after ``step``."""
+
+    kind: FaultKind
+    role: Literal["driver", "trainer", "rollout"] = "trainer"
+    rank: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    step: Annotated[int, Field(ge=0, le=I64_MAX)] = 0
+    factor: Annotated[float, Field(ge=1.0, le=1000.0)] = 1.5
+
+
+class FaultResult(_Open):
+    accepted: bool
+    id: int
 
 
 class ControlResult(_Open):

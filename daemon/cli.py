@@ -85,6 +85,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return main_status(str(_run_dir(None, args.run_dir)))
 
 
+def _cmd_inject(args: argparse.Namespace) -> int:
+    from .client import DaemonClient, DaemonError
+
+    kind, _, factor = args.kind.partition(":")
+    try:
+        client = DaemonClient.from_run_dir(_run_dir(None, args.run_dir))
+        res = client.inject(kind, role=args.role, rank=args.rank, step=args.step, factor=float(factor or 1.5))
+    except (DaemonError, ValueError) as e:
+        print(f"milepost inject: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"fault {res['id']}: {args.kind} queued for {args.role} {args.rank} (fires at its next step boundary)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="milepost", description="milepost: keep RL post-training runs alive and visible"

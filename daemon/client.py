@@ -85,9 +85,11 @@ class DaemonClient:
     ) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    def _request(
+        self, method: str, path: str, params: dict[str, Any] | None = None, body: dict[str, Any] | None = None
+    ) -> Any:
         try:
-            resp = self._http.request(method, path, params=params)
+            resp = self._http.request(method, path, params=params, json=body)
         except httpx.TransportError as e:
             raise DaemonUnreachable(f"cannot reach the daemon at {self.url}: {e}") from e
         if not resp.is_success:
@@ -136,7 +138,17 @@ class DaemonClient:
     def checkpoints(self) -> list[dict[str, Any]]:
         return list(self._request("GET", f"{API}/checkpoints")["checkpoints"])
 
+    def diagnoses(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"{API}/diagnoses")["diagnoses"])
+
     # -- writes ---------------------------------------------------------------
+    def inject(
+        self, kind: str, *, role: str = "trainer", rank: int = 0, step: int = 0, factor: float = 1.5
+    ) -> dict[str, Any]:
+        """Queues a fault for a rank of the running attempt; DaemonError 409 when none runs."""
+        body = {"kind": kind, "role": role, "rank": rank, "step": step, "factor": factor}
+        return dict(self._request("POST", f"{API}/faults", body=body))
+
     def control(self, action: str) -> dict[str, Any]:
         """pause | resume | stop | checkpoint; DaemonError 409 when the run's state forbids it."""
         return dict(self._request("POST", f"{API}/control/{quote(action, safe='')}"))

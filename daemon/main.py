@@ -70,6 +70,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     from .auth import load_or_create_token
     from .store import Store
     from .supervisor import Supervisor
+    from .telemetry import Telemetry
 
     try:
         ops = load_ops_view(job)
@@ -88,6 +89,16 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     url = f"http://{host}:{port}"
     store = Store(run_dir)
     token = load_or_create_token(run_dir)
+    sv = ops.supervisor
+    telemetry = Telemetry.for_daemon(
+        run_info=store.run,
+        steps=lambda: store.steps(limit=10**9),
+        heartbeat_timeouts={
+            "driver": sv.heartbeat_timeout_driver_s,
+            "trainer": sv.heartbeat_timeout_trainer_s,
+            "rollout": sv.heartbeat_timeout_rollout_s,
+        },
+    )
     sup = Supervisor(
         job=str(Path(job).resolve()),
         run_dir=run_dir,
@@ -96,8 +107,11 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         token=token,
         api_url=url,
         ray_address=ray_address,
+        metrics=telemetry.metrics,
     )
-    app = create_app(store, sup, token=token, require_token_for_reads=host not in LOOPBACK)
+    app = create_app(
+        store, sup, token=token, require_token_for_reads=host not in LOOPBACK, telemetry=telemetry
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
     info = {"url": url, "port": port, "pid": os.getpid(), "started_at": time.time(), "job": sup.job}
@@ -115,6 +129,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
     server.run()
     sup.shutdown()
+    telemetry.close()
     return 0
 
 

@@ -42,6 +42,11 @@ CREATE TABLE IF NOT EXISTS ranks (
     role TEXT, rank INTEGER, attempt INTEGER, data TEXT, received_at REAL,
     PRIMARY KEY (role, rank)
 );
+CREATE TABLE IF NOT EXISTS diagnoses (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, attempt INTEGER, kind TEXT, culprit_ranks TEXT, "group" TEXT,
+    seq INTEGER, op TEXT, onset_at REAL, detected_at REAL, action TEXT, message TEXT, phases TEXT,
+    evidence TEXT
+);
 CREATE TABLE IF NOT EXISTS offsets (name TEXT PRIMARY KEY, value INTEGER);
 CREATE TABLE IF NOT EXISTS reports_seen (
     attempt INTEGER, role TEXT, rank INTEGER, seq INTEGER, received INTEGER,
@@ -226,6 +231,42 @@ class Store:
         return self._all(
             "SELECT attempt, role, rank, seq, received, seq - received AS lost FROM reports_seen"
         )
+
+    # -- diagnoses ------------------------------------------------------------
+    def add_diagnosis(self, d: dict[str, Any]) -> int:
+        cur = self._exec(
+            'INSERT INTO diagnoses (attempt, kind, culprit_ranks, "group", seq, op, onset_at, detected_at, action,'
+            " message, phases, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                d.get("attempt"),
+                d["kind"],
+                json.dumps(d.get("culprit_ranks", [])),
+                d.get("group", ""),
+                d.get("seq", 0),
+                d.get("op", ""),
+                d.get("onset_at"),
+                d.get("detected_at"),
+                d.get("action", ""),
+                d.get("message", ""),
+                json.dumps(d.get("phases", {})),
+                json.dumps(d.get("evidence", {})),
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    def update_diagnosis(self, diag_id: int, **fields: Any) -> None:
+        for k in ("evidence", "phases", "culprit_ranks"):
+            if k in fields:
+                fields[k] = json.dumps(fields[k])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._exec(f"UPDATE diagnoses SET {cols} WHERE id = ?", (*fields.values(), diag_id))  # noqa: S608
+
+    def diagnoses(self, *, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self._all("SELECT * FROM diagnoses ORDER BY id DESC LIMIT ?", (limit,))
+        for r in rows:
+            for k in ("culprit_ranks", "phases", "evidence"):
+                r[k] = json.loads(r[k] or "null")
+        return rows
 
     # -- offsets of tailed files ----------------------------------------------
     def offset(self, name: str) -> int:

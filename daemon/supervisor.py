@@ -32,6 +32,8 @@ from typing import Any
 from milepost.engine.events import EVENTS_FILE
 from milepost.engine.jobspec import OpsView
 
+from .detect import Diagnosis, HangDetector, StragglerDetector
+from .metrics import RunMetrics
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class Supervisor:
         token: str,
         api_url: str,
         ray_address: str | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self.job, self.run_dir, self.ops, self.store = job, run_dir, ops, store
         self.sup = ops.supervisor
@@ -95,7 +98,13 @@ class Supervisor:
         ] = {}  # (attempt, role, rank) -> [max seq, received]
         self.last_step_ts = 0.0
         self.done = threading.Event()
+        self.metrics = metrics or RunMetrics(run_info=store.run)
         self.standby: dict[str, Any] | None = None
+        self.hang = HangDetector(ops.detection)
+        self.stragglers = StragglerDetector(ops.detection)
+        self.faults: list[dict[str, Any]] = []  # injected through the API, delivered in ingest responses
+        self._fault_id = int(time.time() * 1000)
+        self._reported_hangs: set[tuple[int, str, int]] = set()
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -168,6 +177,9 @@ class Supervisor:
                 "data": data,
             }
         )
+        self.metrics.on_event(
+            {"kind": kind, "message": message, "severity": severity, "attempt": attempt, "data": data}
+        )
 
     # -- attempts -------------------------------------------------------------
     def _spawn(self, n: int, standby_dir: Path | None = None) -> subprocess.Popen[bytes]:
@@ -198,6 +210,7 @@ class Supervisor:
             "PYTHONUNBUFFERED": "1",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
+            "MILEPOST_RUN_ID": str((self.store.run() or {}).get("id", "")),  # a trace resource attribute
         }
         env.setdefault("RAY_AUTH_MODE", "disabled")
         with (logs / f"attempt_{n}.log").open("ab") as out:
@@ -242,6 +255,8 @@ class Supervisor:
                 self.proc = self._spawn(n)
             self.attempt_no = n
             self.attempt_pid = self.proc.pid
+            self.stragglers = StragglerDetector(self.ops.detection)
+            self.faults = []
             self.attempt_started = time.time()
             self.attempt_outcome = {}
             self.last_step_ts = 0.0
@@ -408,6 +423,13 @@ class Supervisor:
             self.store.set_run_state("RUNNING")
         if self.sup.standby and self.standby is None and self.last_step_ts > self.attempt_started:
             self._spawn_standby()
+        if self.ops.detection.enabled:
+            self._check_stragglers()
+            diag = self._check_hang()
+            if diag is not None and self.ops.detection.action == "restart":
+                self._kill_attempt(f"{diag.kind} diagnosed")
+                self._on_attempt_end(-9, detected=diag.message)
+                return
         problem = self._detect()
         if problem is not None:
             kind, message, data = problem
@@ -460,6 +482,113 @@ class Supervisor:
             )
         return None
 
+    def _current_reports(self) -> dict[tuple[str, int], dict[str, Any]]:
+        return {
+            (r["role"], r["rank"]): r["data"] for r in self.store.ranks() if r["attempt"] == self.attempt_no
+        }
+
+    def _check_hang(self) -> Diagnosis | None:
+        run = self.store.run() or {}
+        if run.get("state") == "PAUSED":
+            return None
+        diag = self.hang.check(self._current_reports(), time.time(), self.best_step_at_launch)
+        if diag is None:
+            return None
+        key = (self.attempt_no, diag.group, diag.seq)
+        if key in self._reported_hangs:
+            return None
+        self._reported_hangs.add(key)
+        action = "restart from checkpoint" if self.ops.detection.action == "restart" else "report only"
+        diag_id = self.store.add_diagnosis(
+            {
+                "attempt": self.attempt_no,
+                "kind": diag.kind,
+                "culprit_ranks": [list(k) for k in diag.culprits],
+                "group": diag.group,
+                "seq": diag.seq,
+                "op": diag.op,
+                "onset_at": diag.onset_at,
+                "detected_at": diag.detected_at,
+                "action": action,
+                "message": diag.message,
+                "phases": diag.phases,
+            }
+        )
+        self.event(
+            "CollectiveHang",
+            diag.message,
+            "critical",
+            diagnosis_id=diag_id,
+            diagnosis=diag.kind,
+            culprit_ranks=[list(k) for k in diag.culprits],
+            group=diag.group,
+            seq=diag.seq,
+            op=diag.op,
+            onset_at=diag.onset_at,
+            detection_s=round(diag.detected_at - diag.onset_at, 3),
+        )
+        self.store.update_diagnosis(diag_id, evidence=self._collect_evidence(diag_id))
+        return diag
+
+    def _collect_evidence(self, diag_id: int) -> dict[str, Any]:
+        """Stacks of every rank (py-spy) and the ranks' flight-recorder dumps, saved in the run dir."""
+        out = self.run_dir / "diagnostics" / f"diagnosis_{diag_id}"
+        out.mkdir(parents=True, exist_ok=True)
+        evidence: dict[str, Any] = {"dir": str(out), "stacks": {}, "flight_recorder": []}
+        if self.ops.detection.stacks:
+            ranks = [
+                r for r in self.store.ranks() if r["attempt"] == self.attempt_no and r["data"].get("pid")
+            ]
+            threads = []
+            for r in ranks:
+                name = f"{r['role']}{r['rank']}"
+                t = threading.Thread(
+                    target=self._py_spy, args=(int(r["data"]["pid"]), out / f"stack_{name}.txt"), daemon=True
+                )
+                t.start()
+                threads.append((name, t))
+            for name, t in threads:
+                t.join(timeout=15)
+                evidence["stacks"][name] = str(out / f"stack_{name}.txt")
+        prefix = f"fr_attempt{self.attempt_no}_"
+        evidence["flight_recorder"] = sorted(
+            str(p) for p in (self.run_dir / "diagnostics").glob(prefix + "*.json")
+        )
+        return evidence
+
+    @staticmethod
+    def _py_spy(pid: int, dest: Path) -> None:
+        exe = Path(sys.executable).with_name("py-spy")
+        cmd = [str(exe) if exe.exists() else "py-spy", "dump", "--pid", str(pid)]
+        text = ""
+        for _ in range(2):  # py-spy sometimes misses the interpreter on its first look
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                text = f"py-spy failed: {e!r}"
+                continue
+            text = res.stdout or res.stderr
+            if res.returncode == 0:
+                break
+        dest.write_text(text)
+
+    def _check_stragglers(self) -> None:
+        for flag in self.stragglers.evaluate():
+            self.event(
+                "Straggler",
+                flag.message,
+                "warning",
+                role="trainer",
+                rank=flag.rank,
+                relative_score=round(flag.relative, 3),
+                individual_score=round(flag.individual, 3),
+                lateness_s=round(flag.lateness_s, 4),
+            )
+        setter = getattr(self.metrics, "set_straggler_score", None)
+        if setter is not None:
+            for rank, score in self.stragglers.scores.items():
+                setter(rank, score)
+
     def progress_bound(self) -> float:
         recent = [s["step_s"] for s in self.store.steps()[-20:] if "step_s" in s]
         median = statistics.median(recent) if recent else 0.0
@@ -473,12 +602,14 @@ class Supervisor:
         for ev in self._read_new(EVENTS_FILE):
             self.store.add_event(ev)
             self._react(ev)
+            self.metrics.on_event(ev)
         for rec in self._read_new(STEPS_FILE):
             prev = [s for s in self.store.steps(since=rec["step"] - 1, limit=1) if s["step"] == rec["step"]]
             if prev and prev[0].get("attempt") != rec.get("attempt"):
                 lost = self.store.offset("lost_progress_ms") + int(1000 * prev[0].get("step_s", 0.0))
                 self.store.set_offset("lost_progress_ms", lost)
             self.store.add_step(rec)
+            self.metrics.on_step(rec)
             if rec.get("attempt") == self.attempt_no:
                 self.last_step_ts = max(self.last_step_ts, float(rec.get("ts", time.time())))
                 self.no_progress = 0
@@ -572,10 +703,40 @@ class Supervisor:
             stats[1] += 1
             accepted += 1
             self.store.set_seen_seq(*key, stats[0], stats[1])
+            self.metrics.on_report(rep)
             if key[0] == self.attempt_no:
                 self.store.upsert_rank(key[1], key[2], key[0], rep)
                 driver_seen = driver_seen or key[1] == "driver"
-        return {"accepted": accepted, "control": list(self.controls) if driver_seen else [], "faults": []}
+                if key[1] == "trainer":
+                    self.stragglers.add_report(key[2], rep)
+        return {
+            "accepted": accepted,
+            "control": list(self.controls) if driver_seen else [],
+            "faults": list(self.faults),
+        }
+
+    def inject(self, fault: dict[str, Any]) -> dict[str, Any]:
+        """Queues a fault for a rank of the running attempt (``milepost inject``)."""
+        from milepost.engine.jobspec import FaultSpec
+
+        with self._lock:
+            if self.attempt_pid is None:
+                raise ValueError("no attempt is running: nothing to inject into")
+            spec = FaultSpec(
+                kind=fault["kind"],
+                role=fault.get("role", "trainer"),
+                rank=int(fault.get("rank", 0)),
+                step=int(fault.get("step", 0)),
+                factor=float(fault.get("factor", 1.5)),
+            )
+            self._fault_id += 1
+            entry = {"id": self._fault_id, **spec.__dict__}
+            self.faults.append(entry)
+            self.event("fault_requested", f"fault {spec.kind} requested for {spec.role} {spec.rank}", **entry)
+            return {"accepted": True, **entry}
+
+    def diagnoses(self) -> list[dict[str, Any]]:
+        return self.store.diagnoses()
 
     def ranks(self) -> list[dict[str, Any]]:
         now = time.time()

@@ -16,7 +16,15 @@ from .checkpoint import CheckpointConfig
 from .cluster import RayConfig
 from .configio import ConfigError, build
 from .grpo import GRPOConfig
-from .jobspec import FaultSpec, RolloutConfig, RunConfig, SupervisorConfig, TrainerConfig, build_faults
+from .jobspec import (
+    DetectionConfig,
+    FaultSpec,
+    RolloutConfig,
+    RunConfig,
+    SupervisorConfig,
+    TrainerConfig,
+    build_faults,
+)
 from .model import ModelConfig
 from .task import Task, TaskConfig
 
@@ -34,6 +42,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     faults: list[FaultSpec] = field(default_factory=list)
     source: str = ""  # the file it came from, for messages
 
@@ -78,6 +87,7 @@ _SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "ray": RayConfig,
     "supervisor": SupervisorConfig,
+    "detection": DetectionConfig,
 }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import tracing
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
 from .config import JobConfig
@@ -31,6 +32,7 @@ from .grpo import group_advantages
 from .rollout import TorchRolloutWorker, WeightSyncError
 from .runtime import RankRuntime
 from .task import Task
+from .tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor
 from .trainer import ResumeError, TrainerRank
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class StepResult:
     train_tokens: float
     step_s: float
     phases: dict[str, float] = field(default_factory=dict)
+    rollout_samples: int = 0
+    prompt_tokens: int = 0
+    trace_id: str = ""  # the step's OpenTelemetry trace: an exemplar on the daemon's step histograms
 
 
 @dataclass
@@ -121,8 +126,8 @@ class Engine:
     def _start_actors(self) -> None:
         import ray
 
-        trainer_cls = ray.remote(num_cpus=1, max_restarts=0)(TrainerRank)
-        worker_cls = ray.remote(num_cpus=1, max_restarts=0)(TorchRolloutWorker)
+        trainer_cls = ray.remote(num_cpus=1, max_restarts=0)(traced_actor(TrainerRank, TRAINER_METHODS))
+        worker_cls = ray.remote(num_cpus=1, max_restarts=0)(traced_actor(TorchRolloutWorker, ROLLOUT_METHODS))
         run_dir = str(self.run_dir)
         common = {
             "run_dir": run_dir,
@@ -168,7 +173,9 @@ class Engine:
         self.trainers, self.workers = [], []
 
     def _all_trainers(self, method: str, *args: Any) -> list[Any]:
-        return self._gather([getattr(t, method).remote(*args) for t in self.trainers], self.trainers)
+        return self._gather(
+            [getattr(t, method).remote(*args, **remote_kwargs(method)) for t in self.trainers], self.trainers
+        )
 
     def _gather(self, refs: list[Any], actors: list[Any]) -> list[Any]:
         """Waits for every call; the first one that fails names its actor at once.
@@ -234,7 +241,10 @@ class Engine:
                 packet["state"][name] = packet["state"][name] + 1e-3
             ref = ray.put(packet)
             try:
-                self._gather([w.update_weights.remote(ref) for w in self.workers], self.workers)
+                self._gather(
+                    [w.update_weights.remote(ref, **remote_kwargs("update_weights")) for w in self.workers],
+                    self.workers,
+                )
                 self.weight_version = version
                 return
             except ActorFailure as failure:
@@ -256,7 +266,12 @@ class Engine:
         prompts = self.task.prompts(self.cfg.run.seed, step, g.prompts_per_step)
         shards = torch.tensor_split(prompts, len(self.workers))
         futures = [
-            w.generate.remote(step, s.repeat_interleave(g.group_size, dim=0), self.weight_version)
+            w.generate.remote(
+                step,
+                s.repeat_interleave(g.group_size, dim=0),
+                self.weight_version,
+                **remote_kwargs("generate"),
+            )
             for w, s in zip(self.workers, shards, strict=True)
         ]
         outs = self._gather(futures, self.workers)
@@ -276,7 +291,7 @@ class Engine:
         timed = functools.partial(self._timed, phases)
 
         self.rt.faults.check(step)
-        with self.inst.step(step):
+        with self.inst.step(step), tracing.current().span("step", {"milepost.step": step}) as span:
             with timed("rollout"):
                 prompts, responses, rollout_tokens = self._rollout(step)
             with timed("reward"):
@@ -304,6 +319,9 @@ class Engine:
             train_tokens=stats["train_tokens"],
             step_s=time.perf_counter() - t0,
             phases=phases,
+            rollout_samples=int(responses.shape[0]),
+            prompt_tokens=int(prompts.numel()),
+            trace_id=tracing.trace_id_of(span),
         )
         self.rt.publish(
             timings={"step": res.step_s, **phases},
@@ -313,7 +331,7 @@ class Engine:
 
     @contextmanager
     def _timed(self, phases: dict[str, float], name: str) -> Iterator[None]:
-        with self.inst.phase(name):
+        with self.inst.phase(name), tracing.current().span(name, {"milepost.phase": name}):
             t = time.perf_counter()
             try:
                 yield
@@ -398,8 +416,11 @@ class Engine:
             if self.elastic:
                 self.world_size = self._choose_world_size()
             self._start_actors()
-            start, ckpt, loaded = self._resume()
-            self._sync_weights(start)
+            with tracing.current().span(
+                "recovery" if self.attempt else "resume", {"milepost.attempt": self.attempt}
+            ):
+                start, ckpt, loaded = self._resume()
+                self._sync_weights(start)
             self.last_saved = start
             self.inst.state.step = start
             results: list[StepResult] = []

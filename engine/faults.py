@@ -1,15 +1,19 @@
 """Fault injection at chosen steps, shipped with the engine for tests, demos and benchmarks.
 
-Faults come from the job file (``[[faults]]``) or, later, from the daemon's API. Each
-fires once per attempt at the first step boundary at or after its step, after writing a
-``fault_injected`` event, so every fault test can assert that the fault really fired.
+Faults come from the job file (``[[faults]]``) or from the daemon's API (``milepost
+inject``), delivered in reporter responses. Each fires once, at the first step boundary
+at or after its step, after writing a ``fault_injected`` event, so every fault test can
+assert that the fault really fired. Kinds that need the rank's internals (skipping a
+collective, a NaN loss, corrupting a checkpoint) act through hooks the rank registers.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 
 from .events import EventSink
 from .jobspec import FaultSpec
@@ -24,32 +28,45 @@ class FaultInjector:
         self, specs: list[FaultSpec], *, role: str, rank: int, attempt: int, events: EventSink
     ) -> None:
         self.role, self.rank, self.events = role, rank, events
+        self._lock = threading.Lock()
         self.pending = [
             s for s in specs if s.role == role and s.rank == rank and (s.attempts == "all" or attempt == 0)
         ]
         self.slow_factor = 1.0
+        self.hooks: dict[str, Callable[[], None]] = {}
 
     def add(self, spec: FaultSpec) -> None:
+        """Thread-safe: the reporter thread adds faults that arrive from the daemon."""
         if spec.role == self.role and spec.rank == self.rank:
-            self.pending.append(spec)
+            with self._lock:
+                self.pending.append(spec)
 
     def check(self, step: int) -> None:
         """Fires every pending fault due at ``step``; call at step boundaries."""
-        due = [s for s in self.pending if s.step <= step]
-        self.pending = [s for s in self.pending if s.step > step]
+        with self._lock:
+            due = [s for s in self.pending if s.step <= step]
+            self.pending = [s for s in self.pending if s.step > step]
         for spec in due:
             self._fire(spec, step)
 
     def _fire(self, spec: FaultSpec, step: int) -> None:
+        if spec.kind in ("skip-collective", "nan", "corrupt-checkpoint") and spec.kind not in self.hooks:
+            self.events.emit(
+                "fault_rejected",
+                f"{spec.kind} cannot be injected into {self.role} {self.rank}",
+                severity="warning",
+            )
+            return
         self.events.emit(
             "fault_injected",
-            f"injecting {spec.kind} into {self.role} {self.rank} at step {step}",
+            f"injecting {spec.kind}{f':{spec.factor:g}' if spec.kind == 'slow' else ''} into "
+            f"{self.role} {self.rank} at step {step}",
             severity="warning",
             step=step,
             fault=spec.kind,
             pid=os.getpid(),
         )
-        if spec.kind == "kill":
+        if spec.kind in ("kill", "rollout-crash"):
             os.kill(os.getpid(), signal.SIGKILL)
         elif spec.kind == "exit":
             os._exit(17)
@@ -57,8 +74,13 @@ class FaultInjector:
             raise InjectedFault(f"injected exception in {self.role} {self.rank} at step {step}")
         elif spec.kind == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)
+        elif spec.kind == "stall":
+            while True:  # stuck in compute: the reporter thread keeps the heartbeat going
+                time.sleep(1.0)
         elif spec.kind == "slow":
             self.slow_factor = spec.factor
+        else:
+            self.hooks[spec.kind]()
 
     def slow_down(self, elapsed_s: float) -> None:
         """Stretches a compute section by the active ``slow`` factor."""

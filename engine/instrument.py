@@ -74,8 +74,13 @@ class RankState:
     entered: dict[str, int] = field(default_factory=dict)  # group -> highest seq entered
     completed: dict[str, int] = field(default_factory=dict)  # group -> highest seq completed
     ops: dict[tuple[str, str], OpSummary] = field(default_factory=dict)
-    recent: collections.deque[CollectiveRecord] = field(default_factory=lambda: collections.deque(maxlen=_RECENT))
+    recent: collections.deque[CollectiveRecord] = field(
+        default_factory=lambda: collections.deque(maxlen=_RECENT)
+    )
     compute: dict[str, float] = field(default_factory=dict)  # phase -> compute seconds of its last run
+    compute_hist: collections.deque[tuple[int, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=32)
+    )  # (step, compute seconds of the "train" phase): the straggler detector's input
     collective_busy_s: float = 0.0
 
 
@@ -127,6 +132,8 @@ class RankInstrument:
             rec.end_ts = time.time()
             rec.collective_s = self.state.collective_busy_s - busy0
             self.state.compute[name] = rec.compute_s
+            if name == "train":
+                self.state.compute_hist.append((rec.step, rec.compute_s))
             self.state.phase = prev
             self._notify("on_phase_end", rec)
 
@@ -174,7 +181,9 @@ class RankInstrument:
             self._notify("on_collective_end", c)
 
     @contextmanager
-    def collective(self, op: str, *, group: str, nbytes: int = 0, dtype: str = "") -> Iterator[CollectiveRecord]:
+    def collective(
+        self, op: str, *, group: str, nbytes: int = 0, dtype: str = ""
+    ) -> Iterator[CollectiveRecord]:
         rec = self.begin_collective(op, group=group, nbytes=nbytes, dtype=dtype)
         try:
             yield rec

@@ -13,9 +13,20 @@ from typing import Any
 
 from .configio import ConfigError, build
 
-TRAIN_BACKENDS = ("fsdp2",)
-ROLLOUT_BACKENDS = ("torch",)
-FAULT_KINDS = ("kill", "exit", "exception", "hang", "slow")
+TRAIN_BACKENDS = ("fsdp2", "megatron")
+ROLLOUT_BACKENDS = ("torch", "sglang")
+FAULT_KINDS = (
+    "kill",  # SIGKILL the rank's process
+    "exit",  # the process exits with code 17
+    "exception",  # raise in the step
+    "hang",  # SIGSTOP the rank's process: frozen, heartbeat included
+    "stall",  # the training thread sleeps in compute before its next collective (heartbeat goes on)
+    "skip-collective",  # the rank skips its next all_reduce: a desync
+    "slow",  # compute stretched by `factor` (slow:1.5 on the command line)
+    "nan",  # the loss of the step becomes NaN
+    "rollout-crash",  # a rollout worker's process dies (role rollout, SIGKILL)
+    "corrupt-checkpoint",  # truncate a file of the newest committed checkpoint
+)
 FAULT_ROLES = ("driver", "trainer", "rollout")
 
 
@@ -41,6 +52,7 @@ class TrainerConfig:
     max_world_size: int = 0  # elastic ceiling; 0 means world_size
     collective_timeout_s: float = 120.0
     threads_per_rank: int = 1
+    gpus_per_rank: int = 0  # 0: CPU ranks over gloo; 1: one GPU per rank, NCCL (Ray places them)
 
     def __post_init__(self) -> None:
         if self.backend not in TRAIN_BACKENDS:
@@ -59,6 +71,8 @@ class TrainerConfig:
             raise ValueError(f"collective_timeout_s={self.collective_timeout_s}: must be > 0")
         if self.threads_per_rank < 1:
             raise ValueError(f"threads_per_rank={self.threads_per_rank}: must be >= 1")
+        if self.gpus_per_rank not in (0, 1):
+            raise ValueError(f"gpus_per_rank={self.gpus_per_rank}: must be 0 or 1")
 
 
 @dataclass(kw_only=True)
@@ -118,13 +132,51 @@ class SupervisorConfig:
 
 
 @dataclass(kw_only=True)
+class DetectionConfig:
+    """Hang and straggler detection in the daemon (the ``[detection]`` section)."""
+
+    enabled: bool = True
+    hang_floor_s: float = 4.0  # a collective may always take this long
+    hang_factor: float = 10.0  # ... or this many times its op's recent p99
+    warmup_steps: int = 2  # first steps of an attempt: compile, warm-up
+    warmup_floor_s: float = 30.0
+    checkpoint_floor_s: float = (
+        120.0  # collectives of checkpoint saves (group "checkpoint" or phase checkpoint)
+    )
+    stale_heartbeat_s: float = 3.0  # no report this long: the whole process is frozen
+    action: str = "restart"  # "restart": end the attempt and resume; "report": diagnose only
+    stacks: bool = True  # py-spy dump of every rank on a hang
+    straggler_threshold: float = 1.12  # compute time relative to the median rank
+    straggler_window_steps: int = 5
+    straggler_windows: int = 3  # consecutive windows over the threshold before a rank is flagged
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hang_floor_s",
+            "hang_factor",
+            "warmup_floor_s",
+            "checkpoint_floor_s",
+            "stale_heartbeat_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.action not in ("restart", "report"):
+            raise ValueError(f"action={self.action!r}: must be 'restart' or 'report'")
+        if self.straggler_threshold <= 1.0:
+            raise ValueError(f"straggler_threshold={self.straggler_threshold}: must be > 1")
+        for name in ("warmup_steps", "straggler_window_steps", "straggler_windows"):
+            if getattr(self, name) < (0 if name == "warmup_steps" else 1):
+                raise ValueError(f"{name}={getattr(self, name)}: out of range")
+
+
+@dataclass(kw_only=True)
 class FaultSpec:
     """A fault injected at a chosen step, for tests and demos (``[[faults]]`` in the job file)."""
 
     kind: str
     role: str = "trainer"
     rank: int = 0
-    step: int = 1
+    step: int = 0  # fires at the first step boundary at or after this step (0: the next one)
     attempts: str = "first"  # "first": only in attempt 0; "all": in every attempt
     factor: float = 1.5  # for kind "slow"
 
@@ -135,8 +187,8 @@ class FaultSpec:
             raise ValueError(f"role={self.role!r}: must be one of {list(FAULT_ROLES)}")
         if self.rank < 0:
             raise ValueError(f"rank={self.rank}: must be >= 0")
-        if self.step < 1:
-            raise ValueError(f"step={self.step}: must be >= 1")
+        if self.step < 0:
+            raise ValueError(f"step={self.step}: must be >= 0")
         if self.attempts not in ("first", "all"):
             raise ValueError(f"attempts={self.attempts!r}: must be 'first' or 'all'")
         if self.factor < 1.0:
@@ -159,6 +211,7 @@ class OpsView:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
 
 def load_ops_view(path: str | Path) -> OpsView:
@@ -171,4 +224,5 @@ def load_ops_view(path: str | Path) -> OpsView:
         trainer=build(TrainerConfig, doc.get("trainer"), "trainer"),
         rollout=build(RolloutConfig, doc.get("rollout"), "rollout"),
         supervisor=build(SupervisorConfig, doc.get("supervisor"), "supervisor"),
+        detection=build(DetectionConfig, doc.get("detection"), "detection"),
     )

@@ -37,13 +37,16 @@ class Reporter:
         max_buffer: int = 4096,
         timeout_s: float = 2.0,
         on_response: Callable[[dict[str, Any]], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.url = url.rstrip("/") + INGEST_PATH
         self.token, self.inst, self.attempt = token, inst, attempt
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.on_response = on_response
+        self.on_tick = on_tick
         self.metrics: dict[str, float] = {}
         self.timings: dict[str, float] = {}
+        self.gpus: Callable[[], dict[str, Any]] | None = None  # the node's newest NVML snapshot, if sampled
         self.status = "running"
         self.sent = 0
         self.dropped = 0
@@ -78,6 +81,8 @@ class Reporter:
                 counters={"reports_dropped": self.dropped, "observer_errors": self.inst.observer_errors},
                 status=self.status,
             )
+            if self.gpus is not None:
+                report["gpus"] = self.gpus()
             if len(self._buf) >= self._max:
                 self._buf.popleft()
                 self.dropped += 1
@@ -87,6 +92,11 @@ class Reporter:
         while not self._stop.is_set():
             self.report_now()
             self._flush()
+            if self.on_tick is not None:
+                try:
+                    self.on_tick()
+                except Exception:
+                    log.exception("reporter: tick hook failed")
             self._stop.wait(self.interval_s)
         self.report_now()
         self._flush()

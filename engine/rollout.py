@@ -73,6 +73,12 @@ class TorchRolloutWorker:
     def update_weights(self, packet: dict[str, Any]) -> dict[str, Any]:
         with self.inst.phase("weight_sync"):
             version, announced, state = packet["version"], packet["checksum"], packet["state"]
+            fmt = packet.get("format", "policy")
+            if fmt != "policy":
+                raise WeightSyncError(
+                    f"rollout {self.index}: weights v{version} are in format {fmt!r}; the embedded "
+                    "torch rollout loads 'policy' weights (use rollout.backend='sglang' for HF layouts)"
+                )
             got = state_checksum(state)
             if got != announced:
                 self.events.emit(

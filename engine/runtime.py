@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .events import EventSink
@@ -10,6 +14,7 @@ from .faults import FaultInjector
 from .instrument import RankInstrument
 from .jobspec import FaultSpec
 from .reporter import Reporter
+from .telemetry import RankTelemetry
 
 TOKEN_ENV = "MILEPOST_TOKEN"
 
@@ -31,6 +36,14 @@ class RankRuntime:
         self.events = EventSink(run_dir, attempt=attempt, role=role, rank=None if role == "driver" else rank)
         self.inst = RankInstrument(role, rank)
         self.faults = FaultInjector(faults, role=role, rank=rank, attempt=attempt, events=self.events)
+        self.run_dir, self.attempt, self.role, self.rank = run_dir, attempt, role, rank
+        self.on_stuck: Callable[[], dict[str, Any]] | None = (
+            None  # flight-recorder dump, set by trainer ranks
+        )
+        self.stuck_after_s = 2.0
+        self._dumped: set[tuple[str, int]] = set()
+        self._seen_faults: set[int] = set()
+        self._user_on_response = on_response
         self.reporter: Reporter | None = None
         if daemon_url:
             self.reporter = Reporter(
@@ -39,8 +52,57 @@ class RankRuntime:
                 self.inst,
                 attempt=attempt,
                 interval_s=report_interval_s,
-                on_response=on_response,
+                on_response=self._on_response,
+                on_tick=self._on_tick,
             ).start()
+        self.telemetry = RankTelemetry(
+            role=role,
+            rank=rank,
+            attempt=attempt,
+            daemon_url=daemon_url,
+            token=token or os.environ.get(TOKEN_ENV),
+            reporter=self.reporter,
+        )
+
+    def _on_response(self, resp: dict[str, Any]) -> None:
+        for f in resp.get("faults") or []:
+            fid = int(f.get("id", 0))
+            if fid in self._seen_faults or f.get("role") != self.role or int(f.get("rank", -1)) != self.rank:
+                continue
+            self._seen_faults.add(fid)
+            spec = FaultSpec(
+                kind=f["kind"],
+                role=f["role"],
+                rank=int(f["rank"]),
+                step=int(f.get("step", 0)),
+                factor=float(f.get("factor", 1.5)),
+            )
+            self.faults.add(spec)
+            if spec.kind == "hang" and spec.step == 0 and self.role != "driver":
+                self.faults.check(self.inst.state.step)  # freeze now, wherever the rank is
+        if self._user_on_response is not None:
+            self._user_on_response(resp)
+
+    def _on_tick(self) -> None:
+        """Reporter thread: a collective open too long gets this rank's flight recorder dumped once."""
+        if self.on_stuck is None:
+            return
+        now = time.time()
+        for rec in list(self.inst.state.open_collectives.values()):
+            key = (rec.group, rec.seq)
+            if now - rec.enter_ts > self.stuck_after_s and key not in self._dumped:
+                self._dumped.add(key)
+                out = Path(self.run_dir) / "diagnostics"
+                out.mkdir(parents=True, exist_ok=True)
+                dump = {
+                    "role": self.role,
+                    "rank": self.rank,
+                    "attempt": self.attempt,
+                    "stuck": rec.__dict__,
+                    "flight_recorder": self.on_stuck(),
+                }
+                name = f"fr_attempt{self.attempt}_{self.role}{self.rank}_{rec.group}_{rec.seq}.json"
+                (out / name).write_text(json.dumps(dump, default=str, indent=1))
 
     def publish(
         self, *, timings: dict[str, float] | None = None, metrics: dict[str, float] | None = None
@@ -55,6 +117,7 @@ class RankRuntime:
         self.reporter.report_now()
 
     def close(self) -> None:
+        self.telemetry.close()
         if self.reporter is not None:
             self.reporter.status = "exited"
             self.reporter.stop()

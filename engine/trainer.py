@@ -1,8 +1,11 @@
-"""Trainer rank: one member of the torch.distributed group, the policy sharded with FSDP2.
+"""Trainer rank: one member of the torch.distributed group, training through a backend.
 
 Runs inside a Ray actor (the driver wraps this class with ``ray.remote``) or any process
 that sets it up with a master address. gloo on CPU, NCCL when CUDA is present.
-Every collective this class issues itself goes through the rank's instrument.
+The backend (``trainer.backend``: FSDP2 or Megatron-core, engine/backends/) owns the model,
+the optimizer and their parallelism; this class owns the process group, checkpoints
+(DCP, committed atomically), events and the instrument. Every collective this class
+issues itself goes through the rank's instrument.
 """
 
 from __future__ import annotations
@@ -19,21 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
+from . import collectives
+from .backends.base import BackendContext, TrainBackend, make_backend
 from .checkpoint import CheckpointStore
 from .config import JobConfig
-from .grpo import policy_loss, response_logprobs
-from .model import Policy, build_policy
 from .runtime import RankRuntime
-from .task import Task
 from .weights import state_checksum
 
 log = logging.getLogger(__name__)
@@ -88,9 +82,7 @@ class TrainerRank:
         self.store = CheckpointStore(cfg.checkpoint_root(run_dir), keep_last=cfg.checkpoint.keep_last)
         self._pending: Future[Any] | None = None
         self._commit_lock = threading.Lock()
-        # Set by setup(); Any because FSDP2 turns the Policy into a dynamic subclass.
-        self.model: Any = None
-        self.optim: Any = None
+        self.backend: TrainBackend = make_backend(cfg.trainer.backend)
 
     # -- set-up ---------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -102,6 +94,13 @@ class TrainerRank:
         torch.set_num_threads(cfg.trainer.threads_per_rank)
         cuda = torch.cuda.is_available()
         timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
+        # Before the process group exists: the flight recorder is configured at creation.
+        collectives.enable_flight_recorder()
+        self.collectives = collectives.install(self.inst)
+        self.rt.on_stuck = self._dump_flight_recorder
+        self.rt.faults.hooks["skip-collective"] = lambda: setattr(self.collectives, "skip_next", "all_reduce")
+        if self.rank == 0:
+            self.rt.faults.hooks["corrupt-checkpoint"] = self._corrupt_newest_checkpoint
         dist.init_process_group(
             "nccl" if cuda else "gloo",
             init_method=f"tcp://{master_addr}:{master_port}",
@@ -111,121 +110,75 @@ class TrainerRank:
         )
         # A group of its own for checkpoint I/O, so an async save never interleaves with training collectives.
         self.ckpt_pg = dist.new_group(backend="gloo", timeout=timeout)
-        device = "cuda" if cuda else "cpu"
-        mesh = init_device_mesh(device, (self.world_size,), mesh_dim_names=("dp",))
-        self.task = Task(cfg.task)
-        model = build_policy(cfg.model, self.task.vocab_size, cfg.run.seed).to(device)
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        self.model = model
-        self.optim = torch.optim.AdamW(
-            model.parameters(), lr=cfg.grpo.lr, betas=(0.9, 0.99), weight_decay=0.0
+        collectives.name_group(self.ckpt_pg, "checkpoint")
+        ctx = BackendContext(
+            cfg=cfg,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+            timeout=timeout,
+            inst=self.inst,
+            events=self.events,
         )
-        self.ref: Policy | None = None
-        if cfg.grpo.kl_coef > 0:
-            self.ref = build_policy(cfg.model, self.task.vocab_size, cfg.run.seed).to(device).eval()
-            self.ref.requires_grad_(False)
+        layout = self.backend.setup(ctx)
         self.inst.set_phase("idle")
         return {
             "rank": self.rank,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "backend": dist.get_backend(),
+            "train_backend": self.backend.name,
+            **layout,
         }
 
     # -- training -------------------------------------------------------------
     def train_step(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step per minibatch over this rank's share of the global batch."""
-        assert self.model is not None and self.optim is not None
-        cfg = self.cfg.grpo
-        prompts, responses, adv = batch["prompts"], batch["responses"], batch["advantages"]
-        n, resp_len = responses.shape
-        self.rt.faults.check(step)
+        """One optimizer step per GRPO minibatch over this rank's share of the global batch."""
         t0 = time.perf_counter()
         with self.inst.step(step), self.inst.phase("train"):
-            # This rank's share of each minibatch; old log-probs for all of them in one pass.
-            parts = [
-                torch.tensor_split(mb, self.world_size)[self.rank]
-                for mb in torch.tensor_split(torch.arange(n), cfg.minibatches)
-            ]
-            mine = torch.cat(parts)
-            with torch.no_grad():
-                old_logp = response_logprobs(self.model, prompts[mine], responses[mine])
-                ref_logp = response_logprobs(self.ref, prompts[mine], responses[mine]) if self.ref else None
-            totals = torch.zeros(
-                5, dtype=torch.float64
-            )  # loss*tokens, clipped tokens, kl*tokens, tokens, grad_norm
-            offset = 0
-            for local in parts:
-                idx = slice(offset, offset + len(local))
-                offset += len(local)
-                global_tokens = (n // cfg.minibatches) * resp_len
-                new_logp = response_logprobs(self.model, prompts[local], responses[local])
-                loss, stats = policy_loss(
-                    new_logp,
-                    old_logp[idx],
-                    adv[local],
-                    clip_eps=cfg.clip_eps,
-                    kl_coef=cfg.kl_coef,
-                    ref_logp=ref_logp[idx] if ref_logp is not None else None,
-                    token_count=global_tokens,
-                )
-                self.optim.zero_grad(set_to_none=True)
-                # FSDP2 averages gradients over ranks; the loss is already a share of the global mean.
-                (loss * self.world_size).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                self.optim.step()
-                local_tokens = len(local) * resp_len
-                totals += torch.tensor(
-                    [
-                        stats["loss"] * local_tokens,
-                        stats["clip_frac"] * local_tokens,
-                        stats["kl"] * local_tokens,
-                        local_tokens,
-                        float(grad_norm) / self.world_size,
-                    ],
-                    dtype=torch.float64,
-                )
-            with self.inst.collective(
-                "all_reduce", group="world", nbytes=totals.numel() * 8, dtype="float64"
-            ):
-                dist.all_reduce(totals)
-        tokens = max(totals[3].item(), 1.0)
-        return {
-            "loss": totals[0].item() / tokens,
-            "clip_frac": totals[1].item() / tokens,
-            "kl": totals[2].item() / tokens,
-            "grad_norm": totals[4].item() / cfg.minibatches,
-            "train_tokens": totals[3].item(),
-            "lr": float(self.optim.param_groups[0]["lr"]),
-            "train_s": time.perf_counter() - t0,
-        }
+            # Inside the phase: a stalled or frozen rank is seen where its peers are.
+            self.rt.faults.check(step)
+            stats = self.backend.train_step(step, batch)
+            self.rt.faults.slow_down(time.perf_counter() - t0)
+        stats["train_s"] = time.perf_counter() - t0
         self.rt.publish(timings={"train": stats["train_s"]}, metrics={"loss": stats["loss"]})
         return stats
 
     # -- weights --------------------------------------------------------------
     def export_weights(self, version: int) -> dict[str, Any] | None:
         """Gathers the full weights (a collective); rank 0 returns them with their checksum."""
-        with self.inst.phase("weight_sync"), self.inst.collective("all_gather", group="world"):
-            full = get_model_state_dict(
-                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
+        with self.inst.phase("weight_sync"):
+            full = self.backend.export_full_weights()
         if self.rank != 0:
             return None
-        return {"version": version, "checksum": state_checksum(full), "state": full}
+        assert full is not None
+        return {
+            "version": version,
+            "checksum": state_checksum(full),
+            "format": self.backend.weight_format,
+            "state": full,
+        }
 
     def full_state_checksum(self) -> str:
         """Checksum of the full model + optimizer state (a collective; every rank returns the same)."""
-        with self.inst.collective("all_gather", group="world"):
-            msd, osd = get_state_dict(
-                self.model, self.optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        digest = [state_checksum({"model": msd, "optim": osd}) if self.rank == 0 else ""]
-        dist.broadcast_object_list(digest, src=0)
-        return str(digest[0])
+        return self.backend.full_state_checksum()
+
+    def _corrupt_newest_checkpoint(self) -> None:
+        """Fault: truncate the largest file of the newest committed checkpoint (resume must skip it)."""
+        self.wait_checkpoint()
+        newest = next(iter(self.store.committed()), None)
+        if newest is None:
+            return
+        victim = max(
+            (p for p in newest.path.iterdir() if p.name != "manifest.json"), key=lambda p: p.stat().st_size
+        )
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        self.events.emit(
+            "checkpoint_corrupted", f"truncated {victim.name} of {newest.path.name}", step=newest.step
+        )
+
+    def _dump_flight_recorder(self) -> dict[str, Any]:
+        return collectives.dump_flight_recorder()
 
     # -- checkpoints ----------------------------------------------------------
     def wait_checkpoint(self, timeout_s: float = 600.0) -> None:
@@ -242,7 +195,7 @@ class TrainerRank:
             t0 = time.perf_counter()
             self.wait_checkpoint()
             checksum = self.full_state_checksum()
-            msd, osd = get_state_dict(self.model, self.optim)
+            state = self.backend.sharded_state_dict()
             tmp = self.store.tmp_dir(step)
             if self.rank == 0:
                 self.store.begin(step)
@@ -254,7 +207,6 @@ class TrainerRank:
                 "state_checksum": checksum,
                 "attempt": self.attempt,
             }
-            state = {"model": msd, "optim": osd}
             if self.cfg.checkpoint.async_save:
                 fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.ckpt_pg)
                 assert isinstance(fut, Future)
@@ -300,10 +252,10 @@ class TrainerRank:
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Loads a committed checkpoint (any saved world size: DCP reshards); returns the loaded checksum."""
         with self.inst.phase("resume"):
-            msd, osd = get_state_dict(self.model, self.optim)
-            # DCP loads in place into these (resharding to this world size).
-            dcp.load({"model": msd, "optim": osd}, checkpoint_id=path, process_group=self.ckpt_pg)
-            set_state_dict(self.model, self.optim, model_state_dict=msd, optim_state_dict=osd)
+            state = self.backend.sharded_state_dict()
+            # DCP loads in place into these (resharding to this world size and layout).
+            dcp.load(state, checkpoint_id=path, process_group=self.ckpt_pg)
+            self.backend.load_sharded_state_dict(state)
             checksum = self.full_state_checksum()
         return {"path": path, "state_checksum": checksum}
 
@@ -311,6 +263,7 @@ class TrainerRank:
         try:
             self.wait_checkpoint()
         finally:
+            self.backend.close()
             self.rt.close()
             if dist.is_initialized():
                 dist.destroy_process_group()

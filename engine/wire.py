@@ -53,6 +53,24 @@ def make_report(
             }
             for c in list(state.open_collectives.values())
         ],
+        "coll_entered": dict(state.entered),
+        "coll_completed": dict(state.completed),
+        "collectives": {
+            f"{op}|{group}": {
+                "count": o.count,
+                "seconds": o.seconds,
+                "bytes": o.nbytes,
+                "world": o.world,
+                "p99_s": o.p99(),
+            }
+            for (op, group), o in list(state.ops.items())
+        },
+        "recent_collectives": [
+            [c.group, c.seq, c.op, c.enter_ts, (c.exit_ts or 0.0) - c.enter_ts]
+            for c in list(state.recent)[-32:]
+        ],
+        "compute": dict(state.compute),
+        "compute_hist": [[s, c] for s, c in list(state.compute_hist)],
         "timings": dict(timings or {}),
         "metrics": dict(metrics or {}),
         "counters": dict(counters or {}),

@@ -58,6 +58,7 @@ class FakeController:
         self.state = "RUNNING"
         self.step = 3
         self.actions: list[str] = []
+        self.injected: list[dict[str, Any]] = []
         self.fail_with: Exception | None = None
 
     def status(self) -> dict[str, Any]:
@@ -130,3 +131,12 @@ class FakeController:
                 }
             )
         return out
+
+    def diagnoses(self) -> list[dict[str, Any]]:
+        return self.store.diagnoses()
+
+    def inject(self, fault: dict[str, Any]) -> dict[str, Any]:
+        if self.state != "RUNNING":
+            raise ValueError(f"no attempt is running (state {self.state})")
+        self.injected.append(fault)
+        return {"accepted": True, "id": len(self.injected), **fault}

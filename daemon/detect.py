@@ -1,0 +1,259 @@
+"""Hang and straggler detection over the ranks' reports (pure logic: no I/O, no clocks of its own).
+
+Hangs. A collective open longer than max(floor, k x that op's recent p99) -- with grace for
+an attempt's first steps and for checkpoint saves -- is stuck. Comparing every rank's
+per-group sequence numbers, phase, step and heartbeat names the cause:
+
+- ``frozen_rank``: a rank sent no report for ``stale_heartbeat_s`` (its reporter thread is
+  frozen too: SIGSTOP, a stuck interpreter, a dead host);
+- ``desync``: a rank never entered the collective and has moved on (idle, another phase or
+  step): it skipped it;
+- ``compute_stuck``: a rank never entered it and is still in the peers' phase and step,
+  computing;
+- ``collective_stuck``: every rank entered it and none completes (transport, network).
+
+Stragglers. Per step, each trainer rank's compute time (time in collectives excluded) is
+compared with the median rank (relative score) and with the rank's own history
+(individual score); a rank is flagged only when its relative score stays over the
+threshold for several consecutive windows. Arrival lateness at collectives (enter time
+minus the earliest rank's) is reported alongside.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from milepost.engine.jobspec import DetectionConfig
+
+Report = dict[str, Any]
+
+
+@dataclass
+class Diagnosis:
+    kind: str
+    culprits: list[tuple[str, int]]
+    group: str
+    seq: int
+    op: str
+    onset_at: float
+    detected_at: float
+    message: str
+    phases: dict[str, str] = field(default_factory=dict)
+    waiting: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _who(key: tuple[str, int]) -> str:
+    return f"{key[0]} {key[1]}"
+
+
+class HangDetector:
+    def __init__(self, cfg: DetectionConfig) -> None:
+        self.cfg = cfg
+
+    def threshold(self, rep: Report, c: dict[str, Any], attempt_start_step: int) -> float:
+        cfg = self.cfg
+        if c["group"] == "checkpoint" or rep.get("phase") == "checkpoint":
+            return cfg.checkpoint_floor_s
+        p99 = 0.0
+        summary = (rep.get("collectives") or {}).get(f"{c['op']}|{c['group']}")
+        if summary:
+            p99 = float(summary.get("p99_s", 0.0))
+        bound = max(cfg.hang_floor_s, cfg.hang_factor * p99)
+        if rep.get("step", 0) - attempt_start_step <= cfg.warmup_steps:
+            bound = max(bound, cfg.warmup_floor_s)
+        return bound
+
+    def check(
+        self, reports: dict[tuple[str, int], Report], now: float, attempt_start_step: int = 0
+    ) -> Diagnosis | None:
+        """One tick: ``reports`` holds the latest report of every rank of the current attempt."""
+        stuck: tuple[float, str, int, str, tuple[str, int]] | None = None
+        for key, rep in reports.items():
+            for c in rep.get("open_collectives") or []:
+                age = now - float(c["enter_ts"])
+                if age > self.threshold(rep, c, attempt_start_step) and (
+                    stuck is None or c["enter_ts"] < stuck[0]
+                ):
+                    stuck = (float(c["enter_ts"]), c["group"], int(c["seq"]), c["op"], key)
+        stale = [
+            k
+            for k, r in reports.items()
+            if now - float(r.get("ts", now)) > self.cfg.stale_heartbeat_s and r.get("state") != "exited"
+        ]
+        if stuck is None:
+            return self._frozen_without_collective(reports, stale, now, attempt_start_step)
+        onset, group, seq, op, _ = stuck
+        members = [
+            k for k, r in reports.items() if group in (r.get("coll_entered") or {}) or k[0] == "trainer"
+        ]
+        members = [k for k in members if k[0] == "trainer" or group in (reports[k].get("coll_entered") or {})]
+        phases = {_who(k): f"{reports[k].get('phase')}@{reports[k].get('step')}" for k in reports}
+        entered = [k for k in members if (reports[k].get("coll_entered") or {}).get(group, 0) >= seq]
+        missing = [k for k in members if k not in entered]
+        frozen = [k for k in members if k in stale]
+        where = f"{op} (group {group}, seq {seq})"
+        if frozen:
+            kind, culprits = "frozen_rank", frozen
+            why = (
+                f"{', '.join(map(_who, frozen))} frozen: no heartbeat for >{self.cfg.stale_heartbeat_s:.0f}s"
+            )
+        elif missing:
+            peers = [reports[k] for k in entered]
+            peer_phase = statistics.mode([p.get("phase") for p in peers]) if peers else None
+            peer_step = max((p.get("step", 0) for p in peers), default=0)
+            desynced = [
+                k
+                for k in missing
+                if reports[k].get("phase") != peer_phase or reports[k].get("step", 0) != peer_step
+            ]
+            if desynced:
+                kind, culprits = "desync", desynced
+                why = (
+                    f"{', '.join(map(_who, desynced))} skipped it and moved on ("
+                    + ", ".join(
+                        f"{_who(k)} in {reports[k].get('phase')} at step {reports[k].get('step')}"
+                        for k in desynced
+                    )
+                    + ")"
+                )
+            else:
+                kind, culprits = "compute_stuck", missing
+                why = f"{', '.join(map(_who, missing))} never entered it: still computing in {peer_phase}"
+        else:
+            kind, culprits = "collective_stuck", []
+            why = f"all {len(members)} ranks entered it and none completes"
+        waiting = [k for k in entered if k not in culprits]
+        message = (
+            f"{kind}: {where} open for {now - onset:.1f}s; {why}; "
+            f"waiting: {', '.join(map(_who, waiting)) or 'none'}; phases: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(phases.items()))
+        )
+        return Diagnosis(kind, culprits, group, seq, op, onset, now, message, phases, waiting)
+
+    def _frozen_without_collective(
+        self,
+        reports: dict[tuple[str, int], Report],
+        stale: list[tuple[str, int]],
+        now: float,
+        start_step: int,
+    ) -> Diagnosis | None:
+        """A frozen process outside any collective (e.g. a rollout worker): its peers wait on it elsewhere."""
+        floor = self.cfg.hang_floor_s
+        frozen = [
+            k for k in stale if now - float(reports[k].get("ts", now)) > floor + self.cfg.stale_heartbeat_s
+        ]
+        if not frozen or any(reports[k].get("step", 0) - start_step < self.cfg.warmup_steps for k in frozen):
+            return None
+        onset = min(float(reports[k].get("ts", now)) for k in frozen)
+        phases = {_who(k): f"{reports[k].get('phase')}@{reports[k].get('step')}" for k in reports}
+        message = (
+            f"frozen_rank: {', '.join(map(_who, frozen))} sent no heartbeat for {now - onset:.1f}s "
+            f"(last phase {', '.join(str(reports[k].get('phase')) for k in frozen)}); phases: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(phases.items()))
+        )
+        return Diagnosis("frozen_rank", frozen, "", 0, "", onset, now, message, phases, [])
+
+
+@dataclass
+class StragglerFlag:
+    rank: int
+    relative: float
+    individual: float
+    lateness_s: float
+    windows: int
+    message: str
+
+
+class StragglerDetector:
+    """Windows of ``window_steps`` steps; a rank is flagged after ``windows`` consecutive bad windows."""
+
+    def __init__(self, cfg: DetectionConfig) -> None:
+        self.cfg = cfg
+        self.compute: dict[int, dict[int, float]] = defaultdict(dict)  # rank -> step -> compute seconds
+        self.arrivals: dict[tuple[str, int], dict[int, float]] = {}  # (group, seq) -> rank -> enter ts
+        self.baseline: dict[int, float] = {}
+        self.streak: dict[int, int] = defaultdict(int)
+        self.flagged: set[int] = set()
+        self.scores: dict[int, float] = {}
+        self.lateness: dict[int, float] = {}
+        self.next_window_start: int | None = None
+
+    def add_report(self, rank: int, rep: Report) -> None:
+        for step, seconds in rep.get("compute_hist") or []:
+            self.compute[rank][int(step)] = float(seconds)
+        for group, seq, _op, enter_ts, _dur in rep.get("recent_collectives") or []:
+            self.arrivals.setdefault((group, int(seq)), {})[rank] = float(enter_ts)
+
+    def add_matrix(self, first_step: int, compute: np.ndarray) -> None:
+        """Bulk input (steps x ranks), for simulations at thousands of ranks."""
+        for j in range(compute.shape[1]):
+            d = self.compute[j]
+            for i in range(compute.shape[0]):
+                d[first_step + i] = float(compute[i, j])
+
+    def evaluate(self) -> list[StragglerFlag]:
+        """Consumes every complete window; returns ranks newly flagged."""
+        ranks = sorted(self.compute)
+        if len(ranks) < 2:
+            return []
+        common = set.intersection(*(set(self.compute[r]) for r in ranks))
+        if not common:
+            return []
+        if self.next_window_start is None:
+            self.next_window_start = min(common)
+        w = self.cfg.straggler_window_steps
+        new: list[StragglerFlag] = []
+        while all(s in common for s in range(self.next_window_start, self.next_window_start + w)):
+            steps = range(self.next_window_start, self.next_window_start + w)
+            m = np.array([[self.compute[r][s] for s in steps] for r in ranks])  # ranks x steps
+            per_rank = np.median(m, axis=1)
+            ref = float(np.sort(per_rank)[(len(per_rank) - 1) // 2])  # the lower median: works for 2 ranks
+            rel = per_rank / max(ref, 1e-9)
+            self._lateness(ranks)
+            for r, score, own in zip(ranks, rel, per_rank, strict=True):
+                base = self.baseline.setdefault(r, float(own))
+                self.scores[r] = float(score)
+                if score > self.cfg.straggler_threshold:
+                    self.streak[r] += 1
+                else:
+                    self.streak[r] = 0
+                    self.baseline[r] = 0.8 * base + 0.2 * float(own)
+                if self.streak[r] >= self.cfg.straggler_windows and r not in self.flagged:
+                    self.flagged.add(r)
+                    indiv = float(own) / max(base, 1e-9)
+                    late = self.lateness.get(r, 0.0)
+                    new.append(
+                        StragglerFlag(
+                            r,
+                            float(score),
+                            indiv,
+                            late,
+                            self.streak[r],
+                            f"trainer {r} is a straggler: compute {float(own) * 1000:.0f} ms/step is {score:.2f}x "
+                            f"the median rank's ({ref * 1000:.0f} ms) for {self.streak[r]} windows of {w} steps; "
+                            f"{indiv:.2f}x its own baseline; arrives {late * 1000:.0f} ms late at collectives",
+                        )
+                    )
+            for s in steps:
+                for r in ranks:
+                    self.compute[r].pop(s, None)
+            self.next_window_start += w
+        return new
+
+    def _lateness(self, ranks: list[int]) -> None:
+        full = [v for v in self.arrivals.values() if len(v) == len(ranks)]
+        if not full:
+            return
+        late: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=256))
+        for v in full[-256:]:
+            first = min(v.values())
+            for r, t in v.items():
+                late[r].append(t - first)
+        self.lateness = {r: float(np.mean(v)) for r, v in late.items()}
+        if len(self.arrivals) > 4096:
+            for k in list(self.arrivals)[:-1024]:
+                del self.arrivals[k]

@@ -1,0 +1,121 @@
+"""The hang and straggler detectors on synthetic reports: each kind of hang is told apart."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from milepost.daemon.detect import HangDetector, StragglerDetector
+from milepost.engine.jobspec import DetectionConfig
+
+NOW = 1000.0
+
+
+def rep(
+    *,
+    step: int = 10,
+    phase: str = "train",
+    ts: float = NOW - 0.5,
+    entered: int = 7,
+    open_seq: int | None = None,
+    enter_ts: float = NOW - 8.0,
+    op: str = "all_gather",
+) -> dict:
+    r = {"step": step, "phase": phase, "ts": ts, "state": "running", "coll_entered": {"world": entered}}
+    r["open_collectives"] = (
+        [{"op": op, "group": "world", "seq": open_seq, "enter_ts": enter_ts, "nbytes": 1024, "dtype": "float32"}]
+        if open_seq
+        else []
+    )
+    r["collectives"] = {f"{op}|world": {"count": 50, "seconds": 1.0, "bytes": 1, "world": 3, "p99_s": 0.05}}
+    return r
+
+
+def detector(**kw: float) -> HangDetector:
+    return HangDetector(DetectionConfig(**kw))
+
+
+def test_frozen_rank_is_named() -> None:
+    reports = {
+        ("trainer", 0): rep(entered=8, open_seq=8),
+        ("trainer", 1): rep(entered=7, ts=NOW - 9.0),  # SIGSTOPped before it entered seq 8
+        ("trainer", 2): rep(entered=8, open_seq=8),
+    }
+    d = detector().check(reports, NOW)
+    assert d is not None and d.kind == "frozen_rank" and d.culprits == [("trainer", 1)]
+    assert (d.group, d.seq, d.op) == ("world", 8, "all_gather")
+    assert d.waiting == [("trainer", 0), ("trainer", 2)]
+    assert "trainer 1 frozen" in d.message and "trainer 1 train@10" in d.message
+
+
+def test_skipped_collective_is_a_desync() -> None:
+    reports = {
+        ("trainer", 0): rep(entered=8, open_seq=8, op="all_reduce"),
+        ("trainer", 1): rep(entered=7, phase="idle"),  # left the step without joining seq 8
+    }
+    d = detector().check(reports, NOW)
+    assert d is not None and d.kind == "desync" and d.culprits == [("trainer", 1)]
+    assert d.op == "all_reduce" and "skipped it" in d.message
+
+
+def test_rank_stuck_in_compute_before_the_collective() -> None:
+    reports = {("trainer", 0): rep(entered=8, open_seq=8), ("trainer", 1): rep(entered=7)}
+    d = detector().check(reports, NOW)
+    assert d is not None and d.kind == "compute_stuck" and d.culprits == [("trainer", 1)]
+
+
+def test_all_entered_none_completes() -> None:
+    reports = {("trainer", r): rep(entered=8, open_seq=8) for r in range(3)}
+    d = detector().check(reports, NOW)
+    assert d is not None and d.kind == "collective_stuck" and d.culprits == []
+    assert "all 3 ranks entered it" in d.message
+
+
+def test_thresholds_floor_history_warmup_and_checkpoint() -> None:
+    young = {("trainer", 0): rep(entered=8, open_seq=8, enter_ts=NOW - 3.0), ("trainer", 1): rep(entered=7)}
+    assert detector().check(young, NOW) is None  # under the 4 s floor
+    slow_op = rep(entered=8, open_seq=8, enter_ts=NOW - 8.0)
+    slow_op["collectives"]["all_gather|world"]["p99_s"] = 1.0  # this op's own history: 10 x 1 s
+    assert detector().check({("trainer", 0): slow_op, ("trainer", 1): rep(entered=7)}, NOW) is None
+    warm = {("trainer", 0): rep(step=1, entered=8, open_seq=8), ("trainer", 1): rep(step=1, entered=7)}
+    assert detector().check(warm, NOW, attempt_start_step=0) is None
+    ckpt = {("trainer", 0): rep(phase="checkpoint", entered=8, open_seq=8), ("trainer", 1): rep(entered=7)}
+    assert detector().check(ckpt, NOW) is None
+
+
+def test_frozen_rollout_worker_outside_collectives() -> None:
+    reports = {("trainer", 0): rep(entered=7), ("rollout", 0): rep(phase="rollout", ts=NOW - 10.0)}
+    d = detector().check(reports, NOW)
+    assert d is not None and d.kind == "frozen_rank" and d.culprits == [("rollout", 0)]
+
+
+def test_healthy_reports_give_nothing() -> None:
+    reports = {("trainer", r): rep(entered=8, open_seq=8, enter_ts=NOW - 0.1) for r in range(2)}
+    assert detector().check(reports, NOW) is None
+
+
+def _feed(det: StragglerDetector, compute: np.ndarray, first: int = 1) -> list:
+    det.add_matrix(first, compute)
+    return det.evaluate()
+
+
+def test_straggler_flagged_only_when_persistent() -> None:
+    rng = np.random.default_rng(0)
+    cfg = DetectionConfig(straggler_window_steps=5, straggler_windows=3)
+    steps, ranks = 40, 8
+    compute = 0.1 * rng.lognormal(0, 0.03, size=(steps, ranks))
+    compute[20:, 5] *= 1.25
+    det = StragglerDetector(cfg)
+    flags = _feed(det, compute)
+    assert [f.rank for f in flags] == [5]
+    assert flags[0].relative > 1.15 and "trainer 5 is a straggler" in flags[0].message
+
+    blip = 0.1 * rng.lognormal(0, 0.03, size=(40, ranks))
+    blip[10:15, 2] *= 1.5  # one slow window: not persistent
+    assert _feed(StragglerDetector(cfg), blip) == []
+
+
+def test_two_ranks_one_slow() -> None:
+    compute = np.full((30, 2), 0.1)
+    compute[:, 1] = 0.15
+    flags = _feed(StragglerDetector(DetectionConfig()), compute)
+    assert [f.rank for f in flags] == [1]
