@@ -8,8 +8,8 @@ attempts. Without ``hist`` the observations of a delta land in the bucket of the
 
 Bandwidth follows nccl-tests (doc/PERFORMANCE.md): ``algbw = bytes / seconds`` with
 ``bytes`` the collective's size S on one rank, and ``busbw = algbw * factor(op, n)``:
-all_reduce 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast,
-reduce, send/recv 1. Both are over the last ``window_s`` of reported traffic.
+all_reduce 2(n-1)/n; all_gather, reduce_scatter, all_to_all, gather, scatter (n-1)/n;
+broadcast, reduce, send/recv 1. Both are over the last ``window_s`` of reported traffic.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def busbw_factor(op: str, world: int) -> float:
     op = normalize_op(op)
     if op == "all_reduce":
         return 2.0 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+    if op in ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"):
         return (n - 1) / n
     return 1.0  # broadcast, reduce, send, recv, and anything point-to-point
 

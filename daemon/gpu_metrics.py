@@ -4,7 +4,7 @@ One source per node: the daemon's collector for its own node; for another node t
 first rank that sent a ``gpus`` sample keeps it while it stays fresh (two ranks of one
 node see the same GPUs, and alternating between their XID counts would look like
 counter resets). A node whose collector is down exports only
-``milepost_gpu_collector_up 0`` with the reason, and ``milepost_gpu_count 0``.
+``milepost_gpu_collector_up 0`` with the reason, and ``milepost_gpu_devices 0``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class GpuMetrics:
             "1 when the node's NVML collector works; 0 with the reason when it cannot (no driver, no GPU)",
             labels=["node", "reason"],
         )
-        count = GaugeMetricFamily("milepost_gpu_count", "GPUs NVML sees on the node", labels=["node"])
+        # Not milepost_gpu_count: promtool rejects a _count suffix outside histograms and summaries.
+        count = GaugeMetricFamily("milepost_gpu_devices", "GPUs NVML sees on the node", labels=["node"])
         info = GaugeMetricFamily(
             "milepost_gpu_info", "Always 1: the GPU's UUID and model", labels=["node", "gpu", "uuid", "name"]
         )

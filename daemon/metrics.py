@@ -47,6 +47,8 @@ RESTART_REASONS = (
     "other",
 )
 HANG_KINDS = ("collective_hang", "hang_detected")
+# Daemon detections that end an attempt (event kinds, snake_cased); a Straggler event alone does not.
+DETECTIONS = ("heartbeat_lost", "progress_stalled", *HANG_KINDS)
 # Step record key -> (gauge, help, labels): exported once the first finite value arrives.
 # The keys are also the values of milepost_nonfinite_values_total{metric}.
 LEARNING: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -113,7 +115,8 @@ class RunMetrics:
         self._dropped: dict[tuple[int, str, int], int] = {}
         self._attempt = 0
         self._max_step = 0
-        self._cause = ""
+        self._cause = ""  # why the current attempt ended, for restarts_total{reason}
+        self._detected = ""  # the daemon's newest detection in this attempt
         self._run_id = ""
         self._started = clock()
         self._define(CollectorRegistry(auto_describe=True))
@@ -331,7 +334,12 @@ class RunMetrics:
         if kind == "attempt_launched" and ev.get("attempt") is not None:
             with self._lock:
                 self._new_attempt(max(self._attempt, int(ev["attempt"])))
-                self._cause = ""
+            self._cause = self._detected = ""
+        elif snake in DETECTIONS:
+            self._detected = "collective_hang" if snake in HANG_KINDS else snake
+        elif kind == "attempt_killed":
+            # The daemon ended the attempt: the cause is what it detected just before.
+            self._cause = self._detected or self._cause
         elif kind == "attempt_failed":
             self._cause = self._cause or str(data.get("cause", ""))
         elif kind == "attempt_ended":
@@ -342,7 +350,7 @@ class RunMetrics:
                 self._cause = "vanished"
         elif kind == "restart_scheduled":
             self.restarts.labels(self._restart_reason()).inc()
-            self._cause = ""
+            self._cause = self._detected = ""
         elif kind == "checkpoint_committed":
             self.checkpoints.labels("committed").inc()
             if (total := _finite(data.get("total_s"))) is not None and total >= 0:
@@ -350,11 +358,8 @@ class RunMetrics:
             self.last_ckpt_ts.set(_finite(ev.get("ts")) or self.clock())
         elif kind in ("checkpoint_failed", "checkpoint_skipped"):
             self.checkpoints.labels(kind.removeprefix("checkpoint_")).inc()
-        elif snake in ("heartbeat_lost", "progress_stalled") or snake.startswith("straggler"):
-            self._cause = "straggler" if snake.startswith("straggler") else snake
         if snake in HANG_KINDS:
             self.hangs.inc()
-            self._cause = "collective_hang"
 
     def _restart_reason(self) -> str:
         cause = _snake(self._cause)

@@ -732,7 +732,7 @@ class Supervisor:
             self._fault_id += 1
             entry = {"id": self._fault_id, **spec.__dict__}
             self.faults.append(entry)
-            self.event("fault_requested", f"fault {spec.kind} requested for {spec.role} {spec.rank}", **entry)
+            self.event("fault_requested", f"fault {spec.kind} requested for {spec.role} {spec.rank}", fault=entry)
             return {"accepted": True, **entry}
 
     def diagnoses(self) -> list[dict[str, Any]]:

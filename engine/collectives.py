@@ -102,7 +102,7 @@ def _wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         tracker = _tracker
-        if tracker is None or getattr(_state, "inside", False):
+        if tracker is None or getattr(_state, "inside", False) or tracker.inst.explicit_depth():
             return fn(*args, **kwargs)
         bound = sig.bind_partial(*args, **kwargs)
         pg = bound.arguments.get("group")

@@ -1,6 +1,7 @@
 """The job file: one TOML document, validated on load into typed config objects.
 
-Sections: [run] [model] [task] [grpo] [trainer] [rollout] [checkpoint] [ray].
+Sections: [run] [model] [task] [grpo] [trainer] [rollout] [checkpoint] [ray], and the
+backends' own: [megatron] (trainer.backend = "megatron"), [sglang] (rollout.backend = "sglang").
 Each component owns its config dataclass (next to the class it configures); this
 module holds the root and the sections that belong to the engine's wiring.
 """
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends.megatron_config import MegatronConfig
+from .backends.sglang_config import SGLangConfig
 from .checkpoint import CheckpointConfig
 from .cluster import RayConfig
 from .configio import ConfigError, build
@@ -43,6 +46,8 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
     faults: list[FaultSpec] = field(default_factory=list)
     source: str = ""  # the file it came from, for messages
 
@@ -69,6 +74,49 @@ class JobConfig:
             raise ConfigError(
                 f"rollout.workers={self.rollout.workers}: more workers than prompts_per_step={self.grpo.prompts_per_step}"
             )
+        if self.trainer.backend == "megatron":
+            self._check_megatron()
+        if self.rollout.backend == "sglang":
+            self._check_sglang()
+
+    def _check_megatron(self) -> None:
+        m, t = self.megatron, self.trainer
+        mp = m.model_parallel_size
+        for name in ("world_size", "max_world_size"):
+            if getattr(t, name) % mp:
+                raise ConfigError(
+                    f"trainer.{name}={getattr(t, name)}: must be a multiple of megatron tensor x pipeline "
+                    f"parallel size {m.tensor_model_parallel_size}x{m.pipeline_model_parallel_size}={mp}"
+                )
+        tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+        groups = m.num_query_groups or self.model.n_heads
+        for name, value, by, what in (
+            ("model.n_heads", self.model.n_heads, tp, "megatron.tensor_model_parallel_size"),
+            ("model.d_ff", self.model.d_ff, tp, "megatron.tensor_model_parallel_size"),
+            ("model.n_layers", self.model.n_layers, pp, "megatron.pipeline_model_parallel_size"),
+            ("megatron.num_query_groups", groups, tp, "megatron.tensor_model_parallel_size"),
+            ("model.n_heads", self.model.n_heads, groups, "megatron.num_query_groups"),
+        ):
+            if value % by:
+                raise ConfigError(f"{name}={value}: must be divisible by {what}={by}")
+        if m.architecture == "llama" and self.rollout.backend == "torch":
+            raise ConfigError(
+                "megatron.architecture='llama': the embedded torch rollout runs engine.model.Policy; "
+                "use architecture='policy' or rollout.backend='sglang'"
+            )
+
+    def _check_sglang(self) -> None:
+        if self.trainer.backend != "megatron" or self.megatron.architecture != "llama":
+            raise ConfigError(
+                f"rollout.backend='sglang': SGLang serves HF Llama weights; needs trainer.backend='megatron' "
+                f"with megatron.architecture='llama' (got trainer.backend={self.trainer.backend!r}, "
+                f"megatron.architecture={self.megatron.architecture!r})"
+            )
+        s = self.sglang
+        if s.urls and len(s.urls) < self.rollout.workers:
+            raise ConfigError(
+                f"sglang.urls={s.urls!r}: fewer servers than rollout.workers={self.rollout.workers}"
+            )
 
     def run_dir(self, override: str | None = None) -> Path:
         return Path(override or self.run.run_dir or f"runs/{self.run.name}")
@@ -88,6 +136,8 @@ _SECTIONS: dict[str, type] = {
     "ray": RayConfig,
     "supervisor": SupervisorConfig,
     "detection": DetectionConfig,
+    "megatron": MegatronConfig,
+    "sglang": SGLangConfig,
 }
 
 

@@ -29,7 +29,7 @@ from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
 from .config import JobConfig
 from .grpo import group_advantages
-from .rollout import TorchRolloutWorker, WeightSyncError
+from .rollout import WeightSyncError, rollout_worker_class
 from .runtime import RankRuntime
 from .task import Task
 from .tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor
@@ -126,8 +126,12 @@ class Engine:
     def _start_actors(self) -> None:
         import ray
 
-        trainer_cls = ray.remote(num_cpus=1, max_restarts=0)(traced_actor(TrainerRank, TRAINER_METHODS))
-        worker_cls = ray.remote(num_cpus=1, max_restarts=0)(traced_actor(TorchRolloutWorker, ROLLOUT_METHODS))
+        trainer_cls = ray.remote(num_cpus=1, num_gpus=self.cfg.trainer.gpus_per_rank, max_restarts=0)(
+            traced_actor(TrainerRank, TRAINER_METHODS)
+        )
+        worker_cls = ray.remote(num_cpus=1, max_restarts=0)(
+            traced_actor(rollout_worker_class(self.cfg), ROLLOUT_METHODS)
+        )
         run_dir = str(self.run_dir)
         common = {
             "run_dir": run_dir,

@@ -33,6 +33,8 @@ class FaultInjector:
             s for s in specs if s.role == role and s.rank == rank and (s.attempts == "all" or attempt == 0)
         ]
         self.slow_factor = 1.0
+        self.slow_until: int | None = None  # last step of a time-limited slow fault
+        self.step = 0
         self.hooks: dict[str, Callable[[], None]] = {}
 
     def add(self, spec: FaultSpec) -> None:
@@ -43,6 +45,9 @@ class FaultInjector:
 
     def check(self, step: int) -> None:
         """Fires every pending fault due at ``step``; call at step boundaries."""
+        self.step = step
+        if self.slow_until is not None and step > self.slow_until:
+            self.slow_factor, self.slow_until = 1.0, None
         with self._lock:
             due = [s for s in self.pending if s.step <= step]
             self.pending = [s for s in self.pending if s.step > step]
@@ -79,6 +84,7 @@ class FaultInjector:
                 time.sleep(1.0)
         elif spec.kind == "slow":
             self.slow_factor = spec.factor
+            self.slow_until = step + spec.duration_steps - 1 if spec.duration_steps else None
         else:
             self.hooks[spec.kind]()
 

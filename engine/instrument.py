@@ -98,6 +98,7 @@ class RankInstrument:
         self.observers: list[RankObserver] = list(observers or [])
         self.observer_errors = 0
         self._lock = threading.Lock()
+        self._local = threading.local()  # depth of explicit collective() records on this thread
 
     def add_observer(self, obs: RankObserver) -> None:
         self.observers.append(obs)
@@ -184,8 +185,15 @@ class RankInstrument:
     def collective(
         self, op: str, *, group: str, nbytes: int = 0, dtype: str = ""
     ) -> Iterator[CollectiveRecord]:
+        """An explicit record around collectives torch.distributed does not expose (DTensor's functional
+        ones); torch.distributed calls made inside it are not recorded a second time."""
         rec = self.begin_collective(op, group=group, nbytes=nbytes, dtype=dtype)
+        self._local.depth = self.explicit_depth() + 1
         try:
             yield rec
         finally:
+            self._local.depth -= 1
             self.end_collective(rec)
+
+    def explicit_depth(self) -> int:
+        return int(getattr(self._local, "depth", 0))

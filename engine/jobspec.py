@@ -179,6 +179,7 @@ class FaultSpec:
     step: int = 0  # fires at the first step boundary at or after this step (0: the next one)
     attempts: str = "first"  # "first": only in attempt 0; "all": in every attempt
     factor: float = 1.5  # for kind "slow"
+    duration_steps: int = 0  # for kind "slow": how many steps it lasts (0: for the rest of the attempt)
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -191,6 +192,8 @@ class FaultSpec:
             raise ValueError(f"step={self.step}: must be >= 0")
         if self.attempts not in ("first", "all"):
             raise ValueError(f"attempts={self.attempts!r}: must be 'first' or 'all'")
+        if self.duration_steps < 0:
+            raise ValueError(f"duration_steps={self.duration_steps}: must be >= 0")
         if self.factor < 1.0:
             raise ValueError(f"factor={self.factor}: must be >= 1")
 

@@ -131,3 +131,12 @@ class TorchRolloutWorker:
 
     def shutdown(self) -> None:
         self.rt.close()
+
+
+def rollout_worker_class(cfg: JobConfig) -> type:
+    """The rollout worker class of ``rollout.backend``: the embedded torch generator or an SGLang client."""
+    if cfg.rollout.backend == "sglang":
+        from .backends.sglang_rollout import SGLangRolloutWorker
+
+        return SGLangRolloutWorker
+    return TorchRolloutWorker

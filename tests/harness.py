@@ -89,9 +89,11 @@ class DaemonRun:
                 os.kill(pid, signal.SIGKILL)
         if (self.run_dir / "milepost.db").exists():
             store = Store(self.run_dir)
-            for a in store.attempts():
+            # The warm standby is in no attempt row yet; left alive it keeps a Ray cluster running.
+            standby = store.offset("standby_pid")
+            for pid in [a["pid"] for a in store.attempts()] + ([standby] if standby else []):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(a["pid"], signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)
             store.close()
 
     # -- reading --------------------------------------------------------------

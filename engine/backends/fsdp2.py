@@ -59,7 +59,6 @@ class FSDP2Backend:
         """One optimizer step per minibatch over this rank's share of the global batch."""
         assert self.model is not None and self.optim is not None
         cfg = self.ctx.cfg.grpo
-        inst = self.ctx.inst
         prompts, responses, adv = batch["prompts"], batch["responses"], batch["advantages"]
         n, resp_len = responses.shape
         # This rank's share of each minibatch; old log-probs for all of them in one pass.
@@ -104,8 +103,7 @@ class FSDP2Backend:
                 ],
                 dtype=torch.float64,
             )
-        with inst.collective("all_reduce", group="world", nbytes=totals.numel() * 8, dtype="float64"):
-            dist.all_reduce(totals)
+        dist.all_reduce(totals)  # recorded by engine.collectives like every torch.distributed call
         tokens = max(totals[3].item(), 1.0)
         return {
             "loss": totals[0].item() / tokens,
@@ -121,7 +119,7 @@ class FSDP2Backend:
             full = get_model_state_dict(
                 self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
-        return full if self.rank == 0 else None
+        return dict(full) if self.rank == 0 else None  # type: ignore[arg-type]
 
     def sharded_state_dict(self) -> dict[str, Any]:
         msd, osd = get_state_dict(self.model, self.optim)

@@ -102,7 +102,10 @@ class MegatronBackend:
                         f"megatron.{field}={value!r}: needs CUDA (Megatron's pipeline schedules and "
                         "mixed-precision optimizer allocate on the GPU); this rank has none"
                     )
-        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+        # Notices about optional CUDA extensions and tunables that do not apply here.
+        warnings.filterwarnings(
+            "ignore", message=".*(Transformer Engine|Apex|CUDA_DEVICE_MAX_CONNECTIONS|cuda_graph_scope).*"
+        )
         from megatron.core import parallel_state as ps
 
         rebind_megatron_collectives()
@@ -129,7 +132,9 @@ class MegatronBackend:
         self.last_stage = ps.is_pipeline_last_stage()
         expect = self.tp_rank + tp * (self.dp_rank + self.dp * self.pp_rank)
         if expect != ctx.rank:
-            raise RuntimeError(f"rank {ctx.rank}: Megatron placed it at tp/dp/pp {self.tp_rank}/{self.dp_rank}/{self.pp_rank}")
+            raise RuntimeError(
+                f"rank {ctx.rank}: Megatron placed it at tp/dp/pp {self.tp_rank}/{self.dp_rank}/{self.pp_rank}"
+            )
         self._name_groups()
 
         self.task = Task(cfg.task)
@@ -160,7 +165,11 @@ class MegatronBackend:
         ctx.events.emit(
             "megatron_layout",
             f"rank {ctx.rank}: Megatron tp {self.tp_rank}/{tp}, pp {self.pp_rank}/{pp}, dp {self.dp_rank}/{self.dp}"
-            + ("" if self.cuda else "; CPU: gloo, AdamW with DP all-reduce (the distributed optimizer needs CUDA)"),
+            + (
+                ""
+                if self.cuda
+                else "; CPU: gloo, AdamW with DP all-reduce (the distributed optimizer needs CUDA)"
+            ),
             tp=tp,
             pp=pp,
             dp=self.dp,
@@ -200,7 +209,9 @@ class MegatronBackend:
             if value % by:
                 raise ValueError(f"{field}={value}: must be divisible by megatron.{why}={by}")
         if mc.n_heads % self.groups:
-            raise ValueError(f"megatron.num_query_groups={self.groups}: must divide model.n_heads={mc.n_heads}")
+            raise ValueError(
+                f"megatron.num_query_groups={self.groups}: must divide model.n_heads={mc.n_heads}"
+            )
 
     def _transformer_config(self) -> Any:
         from megatron.core.transformer.transformer_config import TransformerConfig
@@ -235,7 +246,8 @@ class MegatronBackend:
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
             use_cpu_initialization=not self.cuda,
-            perform_initialization=False,  # weights are loaded from the canonical initial state
+            # Megatron's init also marks the tensor-parallel params; the canonical initial state replaces it.
+            perform_initialization=True,
             sequence_parallel=False,
         )
 
@@ -266,7 +278,9 @@ class MegatronBackend:
         for name, p in gpt.named_parameters():
             if (mm := _LAYER.match(name)) is not None:
                 name = f"decoder.layers.{int(mm.group(1)) + offset}.{name[mm.end() :]}"
-            tp_dim = int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) and self.tp > 1 else None
+            tp_dim = (
+                int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) and self.tp > 1 else None
+            )
             gated = self.tcfg.gated_linear_unit and name.endswith("mlp.linear_fc1.weight")
             out.append(_Param(name, p, tp_dim, gated))
         return out
@@ -276,7 +290,11 @@ class MegatronBackend:
         cfg = self.ctx.cfg
         if self.mcfg.architecture == "llama":
             return conv.init_llama_megatron(
-                cfg.model, groups=self.groups, padded_vocab=self.padded_vocab, vocab=self.vocab, seed=cfg.run.seed
+                cfg.model,
+                groups=self.groups,
+                padded_vocab=self.padded_vocab,
+                vocab=self.vocab,
+                seed=cfg.run.seed,
             )
         policy = build_policy(cfg.model, self.vocab, cfg.run.seed)
         return conv.policy_to_megatron(policy.state_dict(), cfg.model, self.padded_vocab)
@@ -302,7 +320,9 @@ class MegatronBackend:
         local = local.detach().contiguous()
         parts = [torch.empty_like(local) for _ in range(self.tp)]
         group = self.ps.get_tensor_model_parallel_group()
-        with self.ctx.inst.collective("all_gather", group="tp", nbytes=local.numel() * local.element_size() * self.tp):
+        with self.ctx.inst.collective(
+            "all_gather", group="tp", nbytes=local.numel() * local.element_size() * self.tp
+        ):
             dist.all_gather(parts, local, group=group)
         parts = [t.float().cpu() for t in parts]
         if p.gated:
@@ -396,7 +416,9 @@ class MegatronBackend:
                 reports.append(reported)
         return reports
 
-    def _response_logprobs(self, model: Any, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor | None:
+    def _response_logprobs(
+        self, model: Any, prompts: torch.Tensor, responses: torch.Tensor
+    ) -> torch.Tensor | None:
         """[N, R] log-probs of ``responses`` (no grad) on the last stage; None on other stages."""
         p = prompts.shape[1]
 
@@ -420,29 +442,35 @@ class MegatronBackend:
         parts = minibatch_parts(n, g.minibatches, self.dp, self.dp_rank)
         mine = torch.cat(parts)
         old_logp = self._response_logprobs(self.model, prompts[mine], responses[mine])
-        ref_logp = self._response_logprobs(self.ref, prompts[mine], responses[mine]) if self.ref is not None else None
+        ref_logp = (
+            self._response_logprobs(self.ref, prompts[mine], responses[mine])
+            if self.ref is not None
+            else None
+        )
         reporter = self.tp_rank == 0 and self.last_stage  # one rank per data shard reports stats
-        totals = torch.zeros(5, dtype=torch.float64)  # loss*tokens, clipped tokens, kl*tokens, tokens, grad_norm
+        totals = torch.zeros(
+            5, dtype=torch.float64
+        )  # loss*tokens, clipped tokens, kl*tokens, tokens, grad_norm
+        global_tokens = (n // g.minibatches) * resp_len
+
+        def loss_fn(mb: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            new_logp = self._token_logprobs(logits[:, plen - 1 :], mb["responses"])
+            loss, stats = policy_loss(
+                new_logp,
+                mb["old_logp"],
+                mb["adv"],
+                clip_eps=g.clip_eps,
+                kl_coef=g.kl_coef,
+                ref_logp=mb["ref_logp"],
+                token_count=global_tokens,
+            )
+            # Gradients are averaged over data-parallel replicas; the loss is a share of the global mean.
+            return loss * self.dp, stats
+
         offset = 0
         for local in parts:
             idx = slice(offset, offset + len(local))
             offset += len(local)
-            global_tokens = (n // g.minibatches) * resp_len
-
-            def loss_fn(mb: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-                new_logp = self._token_logprobs(logits[:, plen - 1 :], mb["responses"])
-                loss, stats = policy_loss(
-                    new_logp,
-                    mb["old_logp"],
-                    mb["adv"],
-                    clip_eps=g.clip_eps,
-                    kl_coef=g.kl_coef,
-                    ref_logp=mb["ref_logp"],
-                    token_count=global_tokens,
-                )
-                # Gradients are averaged over data-parallel replicas; the loss is a share of the global mean.
-                return loss * self.dp, stats
-
             seq = torch.cat([prompts[local], responses[local]], dim=1).to(dev)
             mb = {
                 "tokens": seq[:, :-1],
@@ -467,7 +495,9 @@ class MegatronBackend:
                     ],
                     dtype=torch.float64,
                 )
-        with self.ctx.inst.collective("all_reduce", group="world", nbytes=totals.numel() * 8, dtype="float64"):
+        with self.ctx.inst.collective(
+            "all_reduce", group="world", nbytes=totals.numel() * 8, dtype="float64"
+        ):
             if self.cuda:
                 t = totals.to(dev)
                 dist.all_reduce(t)
@@ -693,7 +723,9 @@ class _MegatronOptimizer:
     def step(self) -> float:
         ok, grad_norm, _ = self.opt.step()
         if not ok:
-            self.be.ctx.events.emit("optimizer_step_skipped", "Megatron optimizer skipped a step", severity="warning")
+            self.be.ctx.events.emit(
+                "optimizer_step_skipped", "Megatron optimizer skipped a step", severity="warning"
+            )
         self._steps += 1
         return float(grad_norm or 0.0)
 
@@ -716,7 +748,10 @@ class _MegatronOptimizer:
     def state(self, p: _Param) -> dict[str, torch.Tensor]:
         param = p.param
         found = self._locate(param)
-        out = {k: torch.zeros(param.shape, dtype=torch.float32, device=param.device) for k in ("exp_avg", "exp_avg_sq")}
+        out = {
+            k: torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            for k in ("exp_avg", "exp_avg_sq")
+        }
         if found is not None:
             inner, rng = found
             if rng is None:
@@ -728,7 +763,9 @@ class _MegatronOptimizer:
         if self.distributed and self.be.dp > 1:
             for k in out:
                 with self.be.ctx.inst.collective("all_reduce", group="dp"):
-                    dist.all_reduce(out[k], group=self.be.ps.get_data_parallel_group(with_context_parallel=True))
+                    dist.all_reduce(
+                        out[k], group=self.be.ps.get_data_parallel_group(with_context_parallel=True)
+                    )
         if self.distributed:
             self._pending = getattr(self, "_pending", {})
             self._pending[id(param)] = out

@@ -52,7 +52,9 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 # -- Policy -------------------------------------------------------------------------------
 
 
-def policy_to_megatron(sd: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
+def policy_to_megatron(
+    sd: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int
+) -> dict[str, torch.Tensor]:
     """A Policy state_dict in the canonical Megatron layout (architecture "policy")."""
     h, heads = cfg.d_model, cfg.n_heads
     hd = h // heads
@@ -74,7 +76,9 @@ def policy_to_megatron(sd: dict[str, torch.Tensor], cfg: ModelConfig, padded_voc
     return out
 
 
-def megatron_to_policy(full: dict[str, torch.Tensor], cfg: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:
+def megatron_to_policy(
+    full: dict[str, torch.Tensor], cfg: ModelConfig, vocab: int
+) -> dict[str, torch.Tensor]:
     """The canonical Megatron layout (architecture "policy") as a Policy state_dict (padding dropped)."""
     h, heads = cfg.d_model, cfg.n_heads
     hd = h // heads

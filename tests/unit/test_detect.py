@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from milepost.daemon.detect import HangDetector, StragglerDetector
 from milepost.engine.jobspec import DetectionConfig
 
@@ -22,7 +21,16 @@ def rep(
 ) -> dict:
     r = {"step": step, "phase": phase, "ts": ts, "state": "running", "coll_entered": {"world": entered}}
     r["open_collectives"] = (
-        [{"op": op, "group": "world", "seq": open_seq, "enter_ts": enter_ts, "nbytes": 1024, "dtype": "float32"}]
+        [
+            {
+                "op": op,
+                "group": "world",
+                "seq": open_seq,
+                "enter_ts": enter_ts,
+                "nbytes": 1024,
+                "dtype": "float32",
+            }
+        ]
         if open_seq
         else []
     )
