@@ -13,23 +13,17 @@ Targets on a 2-core machine: MTTR <= 20 s, goodput >= 0.85.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import tomllib
 from pathlib import Path
+from typing import Any
+
+from _daemon import daemon, log
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -39,78 +33,49 @@ def main() -> None:
     ap.add_argument("--first-kill", type=float, default=60.0)
     args = ap.parse_args()
 
-    from milepost.daemon.client import DaemonClient
-    from milepost.engine.cluster import loopback_env
+    with daemon({"run": {"steps": 1_000_000}}, "recovery") as (client, _run_dir):
+        out = _measure(client, args)
+    print(json.dumps(out))
 
-    env = {**os.environ, **loopback_env()}
-    tmp = Path(tempfile.mkdtemp(prefix="milepost-bench-recovery-"))
-    job = tomllib.loads((REPO / "examples" / "tiny-grpo-cpu.toml").read_text())
-    job["run"]["steps"] = 1_000_000
-    lines = []
-    for section, table in job.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
-    (tmp / "job.toml").write_text("\n".join(lines) + "\n")
-    run_dir = tmp / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "milepost.daemon.cli",
-        "run",
-        str(tmp / "job.toml"),
-        "--run-dir",
-        str(run_dir),
-    ]
-    subprocess.run([*cmd, "--detach", "--exit-when-done"], check=True, env=env, timeout=120)
-    client = DaemonClient.from_run_dir(run_dir)
-    daemon_pid = json.loads((run_dir / "daemon.json").read_text())["pid"]
+
+def _measure(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     deadline = t0 + args.minutes * 60
     next_kill = t0 + args.first_kill
     mttrs: list[float] = []
     targets = [("trainer", 1), ("rollout", 0), ("trainer", 0)]
-    try:
-        while time.monotonic() < deadline:
-            if time.monotonic() >= next_kill:
-                role, rank = targets[len(mttrs) % len(targets)]
-                victim = [r for r in client.ranks() if r["role"] == role and r["rank"] == rank]
-                if not victim:
-                    time.sleep(0.5)
-                    continue
-                before = client.status()["step"]
-                attempt_at_kill = max(a["number"] for a in client.attempts())
-                killed_at = time.time()
-                os.kill(int(victim[0]["pid"]), signal.SIGKILL)
-                log(f"SIGKILL {role} {rank} (pid {victim[0]['pid']}) at step {before}")
-                while True:
-                    steps = client.steps(since=max(0, before - 200))
-                    recovered = [s for s in steps if s.get("attempt", 0) > attempt_at_kill]
-                    if recovered:
-                        mttr = recovered[0]["ts"] - killed_at
-                        mttrs.append(mttr)
-                        log(f"  recovered: step {recovered[0]['step']} done {mttr:.1f}s after the kill")
-                        break
-                    if time.time() - killed_at > 300:
-                        raise SystemExit("no recovery within 300 s")
-                    time.sleep(0.2)
-                next_kill += args.kill_every
-            time.sleep(0.5)
-        status = client.status()
-        goodput = client.goodput()
-        client.control("stop")
-        for _ in range(120):
-            if client.status()["state"] in ("STOPPED", "FAILED", "SUCCEEDED"):
-                break
-            time.sleep(0.5)
-    finally:
-        with contextlib.suppress(Exception):
-            from milepost.daemon.store import Store
-
-            for a in Store(run_dir).attempts():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(a["pid"], signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(daemon_pid, signal.SIGKILL)
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_kill:
+            role, rank = targets[len(mttrs) % len(targets)]
+            victim = [r for r in client.ranks() if r["role"] == role and r["rank"] == rank]
+            if not victim:
+                time.sleep(0.5)
+                continue
+            before = client.status()["step"]
+            attempt_at_kill = max(a["number"] for a in client.attempts())
+            killed_at = time.time()
+            os.kill(int(victim[0]["pid"]), signal.SIGKILL)
+            log(f"SIGKILL {role} {rank} (pid {victim[0]['pid']}) at step {before}")
+            while True:
+                steps = client.steps(since=max(0, before - 200))
+                recovered = [s for s in steps if s.get("attempt", 0) > attempt_at_kill]
+                if recovered:
+                    mttr = recovered[0]["ts"] - killed_at
+                    mttrs.append(mttr)
+                    log(f"  recovered: step {recovered[0]['step']} done {mttr:.1f}s after the kill")
+                    break
+                if time.time() - killed_at > 300:
+                    raise SystemExit("no recovery within 300 s")
+                time.sleep(0.2)
+            next_kill += args.kill_every
+        time.sleep(0.5)
+    status = client.status()
+    goodput = client.goodput()
+    client.control("stop")
+    for _ in range(120):
+        if client.status()["state"] in ("STOPPED", "FAILED", "SUCCEEDED"):
+            break
+        time.sleep(0.5)
     out = {
         "bench": "recovery",
         "mttr_median_s": round(statistics.median(mttrs), 2) if mttrs else None,
@@ -121,7 +86,7 @@ def main() -> None:
         "steps": status["step"],
         "minutes": round((time.monotonic() - t0) / 60, 2),
     }
-    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

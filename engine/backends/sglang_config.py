@@ -21,6 +21,9 @@ class SGLangConfig:
     base_gpu_id: int = 0  # first GPU of the first server; each server takes tp_size GPUs
     mem_fraction_static: float = 0.0  # 0: SGLang's default
     python: str = ""  # interpreter for launch_server; empty: the rollout worker's own
+    # CUDA_VISIBLE_DEVICES for launched servers; empty: inherited (an empty inherited value, as Ray
+    # gives actors without GPUs, is dropped so that --base-gpu-id picks the GPU)
+    cuda_visible_devices: str = ""
     extra_args: list[str] = field(default_factory=list)
     # Weight updates: "disk" (POST /update_weights_from_disk with a directory the trainer's weights are
     # written to), "tensor" (/update_weights_from_tensor, same host), "distributed" (NCCL broadcast).

@@ -132,6 +132,14 @@ class SGLangClient:
         except (SGLangError, httpx.HTTPError):
             return None
 
+    def set_weight_version(self, version: int) -> bool:
+        """POST /update_weight_version: for servers that load weights without taking their version."""
+        try:
+            self._post("/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
+        except (SGLangError, httpx.HTTPError):
+            return False
+        return True
+
     def update_weights_from_disk(self, model_path: str, *, version: int) -> dict[str, Any]:
         body = {"model_path": model_path, "weight_version": str(version), "abort_all_requests": False}
         return self._ok("/update_weights_from_disk", self._post("/update_weights_from_disk", body))
@@ -245,7 +253,14 @@ class SubprocessServer:
         self.log_path = log_dir / f"sglang-w{spec.worker}-s{spec.index}-{spec.port}.log"
         self._log = self.log_path.open("ab")
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(os.environ)
+        if cfg.cuda_visible_devices:
+            env["CUDA_VISIBLE_DEVICES"] = cfg.cuda_visible_devices
+        elif env.get("CUDA_VISIBLE_DEVICES") == "":
+            del env["CUDA_VISIBLE_DEVICES"]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -588,6 +603,8 @@ class SGLangRolloutWorker:
             )
             return
         reported = s.client.weight_version()
+        if reported is not None and reported != str(self.version) and s.client.set_weight_version(self.version):
+            reported = s.client.weight_version()
         if reported is not None and reported != str(self.version):
             s.version = -1
             self.events.emit(

@@ -1,0 +1,84 @@
+"""Shared by the benchmarks: start the real daemon on a variant of the default job, stop it after."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def job_text(overrides: dict[str, dict[str, Any]]) -> str:
+    job = tomllib.loads((REPO / "examples" / "tiny-grpo-cpu.toml").read_text())
+    for section, values in overrides.items():
+        job.setdefault(section, {}).update(values)
+    lines = []
+    for section, table in job.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def daemon(overrides: dict[str, dict[str, Any]], prefix: str) -> Iterator[tuple[Any, Path]]:
+    """Yields (client, run_dir) of a detached daemon; kills it and its attempts afterwards."""
+    from milepost.daemon.client import DaemonClient
+    from milepost.daemon.store import Store
+    from milepost.engine.cluster import loopback_env
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"milepost-bench-{prefix}-"))
+    (tmp / "job.toml").write_text(job_text(overrides))
+    run_dir = tmp / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "milepost.daemon.cli",
+        "run",
+        str(tmp / "job.toml"),
+        "--run-dir",
+        str(run_dir),
+    ]
+    subprocess.run(
+        [*cmd, "--detach", "--exit-when-done"],
+        check=True,
+        env={**os.environ, **loopback_env()},
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+    )
+    daemon_pid = json.loads((run_dir / "daemon.json").read_text())["pid"]
+    try:
+        yield DaemonClient.from_run_dir(run_dir), run_dir
+    finally:
+        with contextlib.suppress(Exception):
+            store = Store(run_dir)
+            pids = [a["pid"] for a in store.attempts()] + [store.offset("standby_pid")]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if pid:
+                        os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon_pid, signal.SIGKILL)
+
+
+def wait_for(what: str, pred: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if value := pred():
+                return value
+        time.sleep(0.2)
+    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
