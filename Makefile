@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -q -e '.[dev]'
 	touch $@
 
+RUN_DIR ?= runs/tiny-grpo-cpu-$(shell date +%Y%m%d-%H%M%S)
+
 run: venv
-	$(BIN)/milepost engine $(JOB)
+	$(BIN)/milepost run $(JOB) --run-dir $(RUN_DIR)
 
 lint: venv
 	$(BIN)/ruff check .

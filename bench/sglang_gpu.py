@@ -34,7 +34,10 @@ def _skip_reason() -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
-    for module, what in (("sglang", "sglang is not installed"), ("megatron.core", "megatron-core is not installed")):
+    for module, what in (
+        ("sglang", "sglang is not installed"),
+        ("megatron.core", "megatron-core is not installed"),
+    ):
         try:
             if importlib.util.find_spec(module) is None:
                 return what

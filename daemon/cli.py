@@ -101,6 +101,18 @@ def _cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_control(args: argparse.Namespace) -> int:
+    from .client import DaemonClient, DaemonError
+
+    try:
+        res = DaemonClient.from_run_dir(_run_dir(None, args.run_dir)).control(args.action)
+    except DaemonError as e:
+        print(f"milepost {args.action}: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.action}: accepted; the run is now {res.get('state')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="milepost", description="milepost: keep RL post-training runs alive and visible"
@@ -120,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="a readable summary of a run")
     s.add_argument("--run-dir", default=None, help="run directory (default: runs/tiny-grpo-cpu)")
     s.set_defaults(func=_cmd_status)
+    for action, text in (
+        ("pause", "pause the run at its next step boundary"),
+        ("resume", "resume a paused run"),
+        ("stop", "checkpoint, then stop training (the daemon stays up)"),
+        ("checkpoint", "checkpoint now"),
+    ):
+        c = sub.add_parser(action, help=text)
+        c.add_argument("--run-dir", default=None)
+        c.set_defaults(func=_cmd_control, action=action)
+    i = sub.add_parser("inject", help="inject a fault into a rank of the running attempt")
+    i.add_argument("--rank", type=int, required=True)
+    i.add_argument(
+        "--kind",
+        required=True,
+        help="kill | exit | exception | hang | stall | skip-collective | slow:FACTOR | nan | rollout-crash | "
+        "corrupt-checkpoint",
+    )
+    i.add_argument("--role", default="trainer", choices=["trainer", "rollout", "driver"])
+    i.add_argument("--step", type=int, default=0, help="fire at this step or later (default: the next step)")
+    i.add_argument("--run-dir", default=None)
+    i.set_defaults(func=_cmd_inject)
     sub.add_parser(
         "engine", help="run the engine alone (one attempt); see milepost engine -h", add_help=False
     )

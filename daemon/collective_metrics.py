@@ -25,7 +25,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-DURATION_BUCKETS = (1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+DURATION_BUCKETS = (1e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 MAX_KEYS = 64  # distinct (op, group): bounded cardinality whatever the ranks send
 
 _SUFFIXES = ("_into_tensor", "_tensor_coalesced", "_coalesced", "_tensor", "_base", "_single", "_object_list")

@@ -127,6 +127,15 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
 
     threading.Thread(target=supervise, name="milepost-supervisor", daemon=True).start()
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
+    print(
+        f"\nmilepost daemon (pid {os.getpid()}) supervising {job}\n"
+        f"  status   {url}/api/v1/status     API docs {url}/docs\n"
+        f"  metrics  {url}/metrics\n"
+        f"  summary  .venv/bin/milepost status --run-dir {run_dir}\n"
+        f"  token    {run_dir / 'token'} (needed for control: pause, resume, stop, checkpoint)\n"
+        f"  events   {run_dir / 'events.jsonl'}\n",
+        flush=True,
+    )
     server.run()
     sup.shutdown()
     telemetry.close()

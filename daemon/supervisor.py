@@ -609,6 +609,16 @@ class Supervisor:
                 lost = self.store.offset("lost_progress_ms") + int(1000 * prev[0].get("step_s", 0.0))
                 self.store.set_offset("lost_progress_ms", lost)
             self.store.add_step(rec)
+            if rec["step"] % 10 == 0 or rec["step"] == self.ops.run.steps:
+                log.info(
+                    "step %d/%d  reward %.3f  loss %+.4f  step %.2fs  (attempt %s)",
+                    rec["step"],
+                    self.ops.run.steps,
+                    rec.get("reward_mean", float("nan")),
+                    rec.get("loss", float("nan")),
+                    rec.get("step_s", 0.0),
+                    rec.get("attempt"),
+                )
             self.metrics.on_step(rec)
             if rec.get("attempt") == self.attempt_no:
                 self.last_step_ts = max(self.last_step_ts, float(rec.get("ts", time.time())))
@@ -641,11 +651,15 @@ class Supervisor:
                 ev["step"],
                 path=data.get("path"),
                 status="committed",
+                world_size=data.get("world_size"),
                 reason="",
                 state_checksum=data.get("state_checksum"),
                 committed_at=ev.get("ts"),
                 attempt=attempt,
             )
+            for c in self.store.checkpoints():
+                if c["status"] == "committed" and c["path"] and not Path(c["path"]).exists():
+                    self.store.upsert_checkpoint(c["step"], status="pruned", reason="retention (keep_last)")
         elif kind == "checkpoint_skipped":
             self.store.upsert_checkpoint(ev["step"], status="skipped", reason=ev.get("message", ""))
         elif kind == "attempt_started" and attempt is not None:
@@ -732,7 +746,9 @@ class Supervisor:
             self._fault_id += 1
             entry = {"id": self._fault_id, **spec.__dict__}
             self.faults.append(entry)
-            self.event("fault_requested", f"fault {spec.kind} requested for {spec.role} {spec.rank}", fault=entry)
+            self.event(
+                "fault_requested", f"fault {spec.kind} requested for {spec.role} {spec.rank}", fault=entry
+            )
             return {"accepted": True, **entry}
 
     def diagnoses(self) -> list[dict[str, Any]]:

@@ -33,7 +33,13 @@ def _engine(args: argparse.Namespace) -> int:
     run_dir = cfg.run_dir(args.run_dir)
     if args.standby_dir:
         _standby(cfg, Path(args.standby_dir))
-    bar = tqdm(total=args.steps or cfg.run.steps, desc=cfg.run.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=args.steps or cfg.run.steps,
+        desc=cfg.run.name,
+        unit="step",
+        dynamic_ncols=True,
+        disable=args.no_progress,
+    )
 
     def on_step(res: StepResult) -> None:
         if bar.n == 0:

@@ -129,7 +129,7 @@ class Engine:
         trainer_cls = ray.remote(num_cpus=1, num_gpus=self.cfg.trainer.gpus_per_rank, max_restarts=0)(
             traced_actor(TrainerRank, TRAINER_METHODS)
         )
-        worker_cls = ray.remote(num_cpus=1, max_restarts=0)(
+        worker_cls: Any = ray.remote(num_cpus=1, max_restarts=0)(
             traced_actor(rollout_worker_class(self.cfg), ROLLOUT_METHODS)
         )
         run_dir = str(self.run_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -22,6 +22,9 @@ from .runtime import RankRuntime
 from .seeding import generator
 from .task import Task
 from .weights import state_checksum
+
+if TYPE_CHECKING:
+    from .backends.sglang_rollout import SGLangRolloutWorker
 
 
 class WeightSyncError(RuntimeError):
@@ -66,6 +69,7 @@ class TorchRolloutWorker:
             report_interval_s=cfg.supervisor.report_interval_s,
         )
         self.events, self.inst = self.rt.events, self.rt.inst
+        self.inst.set_phase("idle")
 
     def info(self) -> dict[str, Any]:
         return {"role": "rollout", "rank": self.index, "pid": os.getpid(), "host": socket.gethostname()}
@@ -133,7 +137,7 @@ class TorchRolloutWorker:
         self.rt.close()
 
 
-def rollout_worker_class(cfg: JobConfig) -> type:
+def rollout_worker_class(cfg: JobConfig) -> type[TorchRolloutWorker] | type[SGLangRolloutWorker]:
     """The rollout worker class of ``rollout.backend``: the embedded torch generator or an SGLang client."""
     if cfg.rollout.backend == "sglang":
         from .backends.sglang_rollout import SGLangRolloutWorker

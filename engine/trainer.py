@@ -240,6 +240,7 @@ class TrainerRank:
                 path=str(ckpt.path),
                 total_s=round(time.perf_counter() - t0, 4),
                 state_checksum=meta["state_checksum"],
+                world_size=self.world_size,
             )
         except Exception as e:
             # A failed commit leaves the previous checkpoint as the newest; say so and keep training.

@@ -41,7 +41,11 @@ def otlp_sink() -> Iterator[OtlpSink]:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
             with sink.lock:
                 sink.requests.append(
-                    {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
+                    {
+                        "path": self.path,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": body,
+                    }
                 )
             self.send_response(200 if self.path == "/v1/traces" else 404)
             self.send_header("Content-Type", "application/x-protobuf")

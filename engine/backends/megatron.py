@@ -705,13 +705,19 @@ class _MegatronOptimizer:
         self.distributed = m.use_distributed_optimizer
         self._steps = 0
         self._inner = self._inner_optimizers()
-        for inner in self._inner:  # optimizer state exists before the first step (a checkpoint loads into it)
-            init = getattr(inner, "init_state_fn", None)
-            if init is not None:
-                try:
-                    init(inner.optimizer, inner.config)
-                except TypeError:
-                    init(inner.optimizer)
+        # Optimizer state exists before the first step, so a checkpoint can load into it (what
+        # Adam would create lazily; torch's Adam also wants its per-parameter "step").
+        for inner in self._inner:
+            opt = inner.optimizer
+            torch_adam = type(opt).__module__.startswith("torch.optim")
+            for group in opt.param_groups:
+                for q in group["params"]:
+                    st = opt.state[q]
+                    if len(st) == 0:
+                        st["exp_avg"] = torch.zeros_like(q.data)
+                        st["exp_avg_sq"] = torch.zeros_like(q.data)
+                        if torch_adam:
+                            st["step"] = torch.tensor(0.0)
 
     def _inner_optimizers(self) -> list[Any]:
         return list(getattr(self.opt, "chained_optimizers", None) or [self.opt])

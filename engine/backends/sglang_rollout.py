@@ -603,7 +603,11 @@ class SGLangRolloutWorker:
             )
             return
         reported = s.client.weight_version()
-        if reported is not None and reported != str(self.version) and s.client.set_weight_version(self.version):
+        if (
+            reported is not None
+            and reported != str(self.version)
+            and s.client.set_weight_version(self.version)
+        ):
             reported = s.client.weight_version()
         if reported is not None and reported != str(self.version):
             s.version = -1

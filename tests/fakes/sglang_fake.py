@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 import torch.multiprocessing  # noqa: F401  -- tensor reductions for the tensor-update payloads
 
 
@@ -114,7 +113,11 @@ class FakeSGLangServer:
         if path == "/get_weight_version":
             return 200, {"weight_version": self.weight_version}, None
         if path == "/get_model_info":
-            return 200, {"model_path": "fake", "is_generation": True, "weight_version": self.weight_version}, None
+            return (
+                200,
+                {"model_path": "fake", "is_generation": True, "weight_version": self.weight_version},
+                None,
+            )
         if path == "/get_server_info":
             return 200, {"version": "fake", "weight_version": self.weight_version, "tp_size": 1}, None
         return 404, {"detail": "Not Found"}, None
@@ -128,7 +131,11 @@ class FakeSGLangServer:
             try:
                 self._load_dir(body["model_path"])
             except (OSError, KeyError, ValueError) as e:
-                return 400, {"success": False, "message": f"Failed to load: {e}", "num_paused_requests": 0}, None
+                return (
+                    400,
+                    {"success": False, "message": f"Failed to load: {e}", "num_paused_requests": 0},
+                    None,
+                )
             return self._updated(body, "Succeeded to update model weights.")
         if path == "/update_weights_from_tensor":
             payloads = body["serialized_named_tensors"]
@@ -205,7 +212,9 @@ class FakeLauncher:
         self.launched: list[tuple[Any, FakeProcess]] = []
 
     def __call__(self, spec: Any) -> FakeProcess:
-        proc = FakeProcess(FakeSGLangServer(vocab=self.vocab, warmup_s=self.warmup_s, model_path=spec.model_path))
+        proc = FakeProcess(
+            FakeSGLangServer(vocab=self.vocab, warmup_s=self.warmup_s, model_path=spec.model_path)
+        )
         self.launched.append((spec, proc))
         return proc
 

@@ -56,7 +56,11 @@ def _packet(cfg: Any, version: int) -> dict[str, Any]:
     """HF Llama weights as the Megatron backend exports them (a different seed per version)."""
     m = cfg.megatron
     full = conv.init_llama_megatron(
-        cfg.model, groups=m.num_query_groups, padded_vocab=m.padded_vocab_size(VOCAB), vocab=VOCAB, seed=version
+        cfg.model,
+        groups=m.num_query_groups,
+        padded_vocab=m.padded_vocab_size(VOCAB),
+        vocab=VOCAB,
+        seed=version,
     )
     state = conv.megatron_to_hf_llama(full, cfg.model, groups=m.num_query_groups, vocab=VOCAB)
     return {"version": version, "checksum": state_checksum(state), "format": "hf_llama", "state": state}
@@ -103,12 +107,16 @@ def test_generate_round_trip(tmp_path: Path, fakes: list[FakeSGLangServer]) -> N
         assert out["weight_version"] == 1 and out["tokens"] == want.numel()
         body = next(b for path, b in fake.requests if path == "POST /generate")
         assert body["input_ids"] == prompts.tolist() and body["return_logprob"] is True
-        assert body["sampling_params"]["max_new_tokens"] == r and body["sampling_params"]["ignore_eos"] is True
+        assert (
+            body["sampling_params"]["max_new_tokens"] == r and body["sampling_params"]["ignore_eos"] is True
+        )
     finally:
         worker.shutdown()
 
 
-def test_weight_updates_track_the_version_of_each_server(tmp_path: Path, fakes: list[FakeSGLangServer]) -> None:
+def test_weight_updates_track_the_version_of_each_server(
+    tmp_path: Path, fakes: list[FakeSGLangServer]
+) -> None:
     a, b = _fake(fakes), _fake(fakes)
     cfg = _job(urls=[a.url, b.url])
     worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path), background=False)
@@ -157,7 +165,11 @@ def test_tensor_and_distributed_updates(tmp_path: Path, fakes: list[FakeSGLangSe
 
         def _init_group(self, s: Any) -> Any:
             s.client.init_weights_update_group(
-                master_address="127.0.0.1", master_port=1, rank_offset=1, world_size=2, group_name="milepost-w0"
+                master_address="127.0.0.1",
+                master_port=1,
+                rank_offset=1,
+                world_size=2,
+                group_name="milepost-w0",
             )
             return fake
 

@@ -48,7 +48,9 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], tuple[str, Tel
         metrics, traces = RunMetrics(), TraceReceiver(env=env, max_spans=1000)
         metrics.add_collector(traces)
         tel = Telemetry(metrics=metrics, traces=traces)
-        app = create_app(store, FakeController(store), token=TOKEN, require_token_for_reads=False, telemetry=tel)
+        app = create_app(
+            store, FakeController(store), token=TOKEN, require_token_for_reads=False, telemetry=tel
+        )
         cm = serve(app)
         url = cm.__enter__()
         stack.append(cm)
@@ -66,7 +68,8 @@ def emit_step(url: str, token: str = TOKEN) -> tuple[str, list[list[SpanExportRe
     driver = tracing.Tracing(tracing._provider("driver", 0, 0, "run-t", None, None, exporters[0], {}))
     rank = tracing.Tracing(tracing._provider("trainer", 1, 0, "run-t", None, None, exporters[1], {}))
     with driver.span("step", {"milepost.step": 3}) as step, driver.span("train"):
-        with rank.remote_span("trainer.train_step", driver.carrier(), {"milepost.step": 3}):
+        carrier = driver.carrier()
+        with rank.remote_span("trainer.train_step", carrier, {"milepost.step": 3}):
             pass
     return tracing.trace_id_of(step), [e.results for e in exporters]
 
@@ -160,8 +163,17 @@ def test_ring_keeps_the_newest_spans() -> None:
     for t in range(4):
         ring.add(
             [
-                {"trace_id": f"{t:032x}", "span_id": f"{i:016x}", "parent_span_id": "", "start_ts": i, "end_ts": i,
-                 "name": "s", "status": "ok", "attributes": {}, "resource": {}}
+                {
+                    "trace_id": f"{t:032x}",
+                    "span_id": f"{i:016x}",
+                    "parent_span_id": "",
+                    "start_ts": i,
+                    "end_ts": i,
+                    "name": "s",
+                    "status": "ok",
+                    "attributes": {},
+                    "resource": {},
+                }
                 for i in range(2)
             ]
         )
@@ -172,7 +184,10 @@ def test_ring_keeps_the_newest_spans() -> None:
 
 def test_forwards_to_the_standard_endpoint_with_headers() -> None:
     with otlp_sink() as sink:
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_EXPORTER_OTLP_HEADERS": "x-team=rl,api-key=s3cr%20t"}
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-team=rl,api-key=s3cr%20t",
+        }
         rec = TraceReceiver(env=env)
         tid = "0123456789abcdef0123456789abcdef"
         rec.ingest(json.dumps(otlp_json(tid, 3)).encode(), "application/json")
@@ -187,13 +202,18 @@ def test_forwards_to_the_standard_endpoint_with_headers() -> None:
 def test_forward_target_follows_the_standard_variables() -> None:
     assert forward_target({}) is None
     assert forward_target({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == "http://c:4318/v1/traces"
-    both = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x"}
+    both = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x",
+    }
     assert forward_target(both) == "http://t/x"
     assert forward_target({**both, "OTEL_TRACES_EXPORTER": "none"}) is None
 
 
 def test_a_dead_forward_target_never_blocks_the_receiver(daemon: Any) -> None:
-    url, tel = daemon({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+    url, tel = daemon(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
+    )
     t0 = time.monotonic()
     with httpx.Client(headers=AUTH) as client:
         for i in range(100):

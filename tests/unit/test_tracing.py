@@ -38,12 +38,11 @@ def test_step_phase_and_remote_spans_share_one_trace_with_correct_parents() -> N
     tr = tracing.setup(role="driver", rank=0, attempt=2, run_id="run-x", exporter=driver_spans)
     assert tracing.current() is tr and tr.enabled
     trainer = remote_process("trainer", 1, rank_spans)
-    with tr.span("step", {"milepost.step": 7}) as step_span:
-        with tr.span("train", {"milepost.phase": "train"}):
-            carrier = tracing.remote_kwargs("train_step")["carrier"]
-            assert carrier["traceparent"].startswith("00-" + tracing.trace_id_of(step_span))
-            with trainer.remote_span("trainer.train_step", carrier, {"milepost.step": 7}):
-                pass
+    with tr.span("step", {"milepost.step": 7}) as step_span, tr.span("train", {"milepost.phase": "train"}):
+        carrier = tracing.remote_kwargs("train_step")["carrier"]
+        assert carrier["traceparent"].startswith("00-" + tracing.trace_id_of(step_span))
+        with trainer.remote_span("trainer.train_step", carrier, {"milepost.step": 7}):
+            pass
     assert tracing.remote_kwargs("setup") == {}  # untraced methods get no carrier
     d, r = by_name(driver_spans), by_name(rank_spans)
     step, train, remote = d["step"], d["train"], r["trainer.train_step"]
