@@ -12,6 +12,7 @@ carry the step's trace id as an exemplar (served in the OpenMetrics exposition).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -64,6 +65,7 @@ LEARNING: dict[str, tuple[str, str, dict[str, str]]] = {
 LEARNING_KEYS = tuple(LEARNING)
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_RANKS = 4096
+log = logging.getLogger(__name__)
 
 
 def _snake(kind: str) -> str:
@@ -107,6 +109,8 @@ class RunMetrics:
         self.gpu = gpu if gpu is not None else GpuMetrics()
         self.registry = CollectorRegistry(auto_describe=True)
         self._extra: list[Any] = []
+        self.listeners: list[Any] = []  # also get on_event(ev, restart_reason) and on_step(rec)
+        self.last_restart_reason = ""
         self._lock = threading.Lock()
         self._ranks: dict[tuple[str, int], _Rank] = {}
         self._straggler: dict[tuple[str, int], float] = {}
@@ -254,6 +258,11 @@ class RunMetrics:
         self._count(self.rollout_tokens.labels("prompt"), rec.get("prompt_tokens"))
         self._count(self.train_tokens, rec.get("train_tokens"))
         self._productive(rec, step)
+        for listener in self.listeners:
+            try:
+                listener.on_step(rec)
+            except Exception:
+                log.exception("metrics listener failed on step %s", step)
 
     def _productive(self, rec: dict[str, Any], step: int) -> None:
         # A step redone after a restart made no new progress: count each step number once.
@@ -349,7 +358,8 @@ class RunMetrics:
             if not self._cause and "vanished" in str(ev.get("message", "")):
                 self._cause = "vanished"
         elif kind == "restart_scheduled":
-            self.restarts.labels(self._restart_reason()).inc()
+            self.last_restart_reason = self._restart_reason()
+            self.restarts.labels(self.last_restart_reason).inc()
             self._cause = self._detected = ""
         elif kind == "checkpoint_committed":
             self.checkpoints.labels("committed").inc()
@@ -360,6 +370,11 @@ class RunMetrics:
             self.checkpoints.labels(kind.removeprefix("checkpoint_")).inc()
         if snake in HANG_KINDS:
             self.hangs.inc()
+        for listener in self.listeners:
+            try:
+                listener.on_event(ev, self.last_restart_reason)
+            except Exception:  # a listener's bug must not cost the supervisor its tick
+                log.exception("metrics listener failed on %s", kind)
 
     def _restart_reason(self) -> str:
         cause = _snake(self._cause)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .gpu_metrics import GpuMetrics
 from .metrics import RunMetrics
+from .recovery_traces import RecoveryTracer
 from .traces import JSON, MAX_PAYLOAD, PROTOBUF, PayloadError, TraceReceiver
 
 GPU_ENV = "MILEPOST_GPU_COLLECTOR"  # "0": no NVML collector in the daemon
@@ -49,6 +50,7 @@ class Telemetry:
         metrics.seed(steps())
         traces = TraceReceiver(env=env)
         metrics.add_collector(traces)
+        metrics.listeners.append(RecoveryTracer(traces, metrics.run_id))
         return cls(metrics=metrics, traces=traces, gpu=gpu)
 
     @classmethod

@@ -32,7 +32,10 @@ class RankTelemetry:
         )
         self.gpu: GpuCollector | None = None
         if reporter is not None and os.environ.get(RANK_GPU_ENV, "") == "1":
-            interval = float(os.environ.get("MILEPOST_RANK_GPU_INTERVAL_S", "5"))
+            try:
+                interval = max(0.5, float(os.environ.get("MILEPOST_RANK_GPU_INTERVAL_S", "5")))
+            except ValueError:
+                interval = 5.0
             self.gpu = GpuCollector().start().sample_every(interval)
             reporter.gpus = self.gpu.latest
 

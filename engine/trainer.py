@@ -101,6 +101,8 @@ class TrainerRank:
         self.rt.faults.hooks["skip-collective"] = lambda: setattr(self.collectives, "skip_next", "all_reduce")
         if self.rank == 0:
             self.rt.faults.hooks["corrupt-checkpoint"] = self._corrupt_newest_checkpoint
+        if hasattr(self.backend, "poison_next"):
+            self.rt.faults.hooks["nan"] = lambda: setattr(self.backend, "poison_next", True)
         dist.init_process_group(
             "nccl" if cuda else "gloo",
             init_method=f"tcp://{master_addr}:{master_port}",

@@ -26,7 +26,10 @@ def tiny_job(**overrides: dict[str, Any]) -> dict[str, Any]:
         "checkpoint": {"interval": 2, "keep_last": 10},
     }
     for section, values in overrides.items():
-        doc.setdefault(section, {}).update(values)
+        if isinstance(values, list):
+            doc[section] = values  # type: ignore[assignment]
+        else:
+            doc.setdefault(section, {}).update(values)
     return doc
 
 

@@ -35,6 +35,8 @@ class FSDP2Backend:
         self.model: Any = None
         self.optim: Any = None
         self.ref: Policy | None = None
+        self.poison_next = False  # the ``nan`` fault: this rank's next loss becomes NaN
+        self.skipped_updates = 0
 
     def setup(self, ctx: BackendContext) -> dict[str, Any]:
         self.ctx = ctx
@@ -85,13 +87,29 @@ class FSDP2Backend:
                 ref_logp=ref_logp[idx] if ref_logp is not None else None,
                 token_count=global_tokens,
             )
+            if self.poison_next:
+                self.poison_next = False
+                loss = loss * float("nan")
             self.optim.zero_grad(set_to_none=True)
             # FSDP2 averages gradients over ranks; the loss is already a share of the global mean.
             (loss * self.world_size).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            self.optim.step()
+            # The norm is reduced over all ranks, so every rank takes the same decision: a
+            # non-finite gradient skips the update everywhere instead of poisoning the weights.
+            if torch.isfinite(grad_norm):
+                self.optim.step()
+            else:
+                self.optim.zero_grad(set_to_none=True)
+                self.skipped_updates += 1
+                self.ctx.events.emit(
+                    "nonfinite_gradients",
+                    f"step {step}: gradient norm {float(grad_norm)}; update skipped on every rank",
+                    severity="error",
+                    step=step,
+                    skipped_updates=self.skipped_updates,
+                )
             local_tokens = len(local) * resp_len
             totals += torch.tensor(
                 [

@@ -50,16 +50,30 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
 
 
 def rebind_megatron_collectives() -> None:
-    """Megatron's tensor-parallel modules bind ``all_gather_into_tensor`` / ``reduce_scatter_tensor``
-    at import time; point them at the current ``torch.distributed`` functions so that collective
-    tracking installed on the module (engine/collectives.py) sees those calls too."""
-    from megatron.core.tensor_parallel import layers, mappings
+    """Megatron binds ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` to module globals at
+    import time (tensor-parallel layers and mappings, DDP's grad buffers, MTP); point them at the
+    current ``torch.distributed`` functions, so collective tracking installed on the module
+    (engine/collectives.py) sees those calls too. Everything else Megatron calls through
+    ``torch.distributed.<fn>`` at call time: all_reduce, all_gather, broadcast, barrier,
+    all_to_all_single, isend/irecv/batch_isend_irecv."""
+    import importlib
 
-    for mod in (mappings, layers):
-        if hasattr(dist, "all_gather_into_tensor"):
-            mod.dist_all_gather_func = dist.all_gather_into_tensor
-        if hasattr(dist, "reduce_scatter_tensor"):
-            mod.dist_reduce_scatter_func = dist.reduce_scatter_tensor
+    for name in (
+        "megatron.core.tensor_parallel.mappings",
+        "megatron.core.tensor_parallel.layers",
+        "megatron.core.distributed.param_and_grad_buffer",
+        "megatron.core.transformer.multi_token_prediction",
+    ):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr, fn in (
+            ("dist_all_gather_func", dist.all_gather_into_tensor),
+            ("dist_reduce_scatter_func", dist.reduce_scatter_tensor),
+        ):
+            if hasattr(mod, attr):
+                setattr(mod, attr, fn)
 
 
 @dataclass
@@ -555,7 +569,8 @@ class MegatronBackend:
         mesh = self._device_mesh()
         place = [Replicate(), Replicate() if p.tp_dim is None else Shard(p.tp_dim)]
         if p.gated:  # [gate_r; up_r] locally: two entries, so the layout does not depend on the TP size
-            gate, up = local.chunk(2, dim=0)
+            # Copies: DCP's async stager cannot stage two views of one storage.
+            gate, up = (t.clone() for t in local.chunk(2, dim=0))
             return {
                 ".gate": DTensor.from_local(gate, mesh, place, run_check=False),
                 ".up": DTensor.from_local(up, mesh, place, run_check=False),

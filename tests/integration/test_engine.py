@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from milepost.engine.config import job_from_dict
-from milepost.engine.driver import Engine, RunResult
+from milepost.engine.driver import ActorFailure, Engine, RunResult
 from milepost.engine.events import read_events
 
 from tests.conftest import tiny_job
@@ -94,3 +94,27 @@ def test_corrupted_weight_sync_is_detected_and_retried(tmp_path: Path) -> None:
     failed = [e for e in events if e.kind == "weight_sync_failed"]
     assert failed and failed[0].role == "rollout" and "!= announced" in failed[0].message
     assert any(e.kind == "weight_sync_retry" for e in events)
+
+
+def test_nan_loss_skips_the_update_on_every_rank(tmp_path: Path) -> None:
+    fault = {"kind": "nan", "role": "trainer", "rank": 1, "step": 2}
+    res = _run(tmp_path, until=4, faults=[fault])  # type: ignore[arg-type]
+    events = list(read_events(tmp_path))
+    assert [e.rank for e in events if e.kind == "fault_injected"] == [1]
+    skipped = [e for e in events if e.kind == "nonfinite_gradients"]
+    assert {e.rank for e in skipped} == {0, 1} and all(e.step == 2 for e in skipped)
+    assert all(s.reward_mean == s.reward_mean for s in res.steps[2:])  # later steps are finite again
+
+
+def test_corrupt_checkpoint_fault_makes_resume_fall_back(tmp_path: Path) -> None:
+    faults = [
+        {"kind": "corrupt-checkpoint", "role": "trainer", "rank": 0, "step": 5},
+        {"kind": "exception", "role": "trainer", "rank": 1, "step": 5},  # the attempt dies before saving 5
+    ]
+    with pytest.raises(ActorFailure):
+        _run(tmp_path, until=6, faults=faults)  # type: ignore[arg-type]
+    kinds = _kinds(tmp_path)
+    assert "fault_injected" in kinds and "checkpoint_corrupted" in kinds
+    res = _run(tmp_path, until=6)
+    skipped = [e for e in read_events(tmp_path) if e.kind == "checkpoint_skipped"]
+    assert skipped and res.resumed_from is not None and res.resumed_from < skipped[0].step

@@ -251,3 +251,21 @@ def test_rank_samples_ride_reports_one_source_per_node() -> None:
     assert v("milepost_gpu_collector_up", "daemon-node", reason="no_devices") == 0
     assert v("milepost_gpu_devices", "daemon-node") == 0
     c.close()
+
+
+def test_rank_opt_in_puts_its_node_snapshot_in_every_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    from milepost.engine.instrument import RankInstrument
+    from milepost.engine.reporter import Reporter
+    from milepost.engine.telemetry import RANK_GPU_ENV, RankTelemetry
+
+    monkeypatch.setenv(RANK_GPU_ENV, "1")
+    monkeypatch.setenv("MILEPOST_TRACING", "0")
+    reporter = Reporter("http://127.0.0.1:9", "t", RankInstrument("trainer", 0), attempt=0)  # never started
+    tel = RankTelemetry(role="trainer", rank=0, attempt=0, daemon_url=None, token=None, reporter=reporter)
+    try:
+        reporter.report_now()
+        rep = reporter._buf[-1]
+        assert rep["gpus"]["up"] == 0 and rep["gpus"]["devices"] == []  # no GPU on this machine
+        assert Report(**rep).gpus is not None
+    finally:
+        tel.close()

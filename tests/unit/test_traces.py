@@ -13,6 +13,7 @@ import httpx
 import pytest
 from milepost.daemon.api import create_app
 from milepost.daemon.metrics import RunMetrics
+from milepost.daemon.recovery_traces import RecoveryTracer
 from milepost.daemon.store import Store
 from milepost.daemon.telemetry import Telemetry
 from milepost.daemon.traces import SpanRing, TraceReceiver, forward_target
@@ -223,3 +224,31 @@ def test_a_dead_forward_target_never_blocks_the_receiver(daemon: Any) -> None:
     assert fwd is not None
     wait_for("every payload failed or dropped", lambda: fwd.failed + fwd.dropped == 100)
     assert fwd.sent == 0
+
+
+def test_the_daemon_traces_each_recovery_from_failure_to_the_next_step() -> None:
+    receiver = TraceReceiver(env={})
+    m = RunMetrics(run_info=lambda: {"id": "run-r"})
+    m.listeners.append(RecoveryTracer(receiver, m.run_id))
+    for ev in (
+        {"kind": "attempt_launched", "attempt": 0, "ts": 90.0},
+        {"kind": "attempt_failed", "attempt": 0, "ts": 99.0, "data": {"cause": "actor_died"}},
+        {"kind": "attempt_ended", "attempt": 0, "ts": 100.0, "message": "trainer 1 process died"},
+        {"kind": "restart_scheduled", "attempt": 0, "ts": 100.5, "data": {"delay_s": 1.0}},
+        {"kind": "attempt_launched", "attempt": 1, "ts": 101.5},
+        {"kind": "resume_verified", "attempt": 1, "ts": 105.0, "step": 4},
+    ):
+        m.on_event(ev)
+    assert len(receiver.ring) == 0  # still recovering
+    m.on_step({"step": 5, "attempt": 1, "ts": 110.0, "step_s": 1.0})
+    (summary,) = receiver.ring.recent()
+    (span,) = receiver.ring.trace(summary["trace_id"])
+    assert span["name"] == "recovery" and span["duration_s"] == pytest.approx(10.0)
+    assert span["resource"]["milepost.role"] == "daemon" and span["resource"]["milepost.run"] == "run-r"
+    attrs = span["attributes"]
+    assert attrs["milepost.restart.reason"] == "actor_died" and attrs["milepost.resumed_from"] == 4
+    assert (attrs["milepost.attempt"], attrs["milepost.next_attempt"], attrs["milepost.first_step"]) == (
+        0,
+        1,
+        5,
+    )
