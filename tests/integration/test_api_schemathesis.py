@@ -1,7 +1,9 @@
 """Schemathesis over the daemon's /openapi.json: no generated request, valid or not, gets a 5xx.
 
-The app runs on a real uvicorn server on 127.0.0.1 over a real Store and a fake controller,
-with reads behind the token too, so every operation is exercised past authentication.
+The app runs on a real uvicorn server on 127.0.0.1 over a real Store, with reads behind the
+token too, so every operation is exercised past authentication: once with a fake controller
+(every path answers) and once with the daemon's real Supervisor (its own ingest, control and
+fault handling; no attempt is launched, so writes that need one answer 409).
 """
 
 from __future__ import annotations
@@ -39,8 +41,17 @@ def _openapi() -> dict[str, Any]:
 schema = schemathesis.openapi.from_dict(_openapi())
 
 
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _real_supervisor(store: Store, run_dir: Path) -> Any:
+    from milepost.daemon.supervisor import Supervisor
+    from milepost.engine.jobspec import OpsView
+
+    return Supervisor(
+        job="job.toml", run_dir=run_dir, ops=OpsView(), store=store, token=TOKEN, api_url="http://x"
+    )
+
+
+@pytest.fixture(scope="module", params=["fake", "supervisor"])
+def base_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     run_dir: Path = tmp_path_factory.mktemp("run")
     store = Store(run_dir)
     store.ensure_run(run_id="r", name="fuzz", job="job.toml", run_dir=str(run_dir), target_steps=10)
@@ -48,7 +59,8 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     store.add_event({"kind": "attempt_started", "message": "m", "attempt": 0, "data": {"x": float("nan")}})
     store.add_step({"step": 1, "attempt": 0, "loss": float("inf")})
     store.upsert_checkpoint(1, path="/c/1", status="committed", world_size=2)
-    app = create_app(store, FakeController(store), token=TOKEN, require_token_for_reads=True)
+    controller = FakeController(store) if request.param == "fake" else _real_supervisor(store, run_dir)
+    app = create_app(store, controller, token=TOKEN, require_token_for_reads=True)
     with serve(app) as url:
         yield url
     store.close()
