@@ -33,7 +33,7 @@ typecheck: venv
 	$(BIN)/mypy engine daemon dashboard alerts bench
 
 pytest: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test: lint typecheck pytest
 

@@ -62,6 +62,8 @@ class _Agg:
     bytes: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     window: collections.deque[tuple[float, int, float]] = field(default_factory=collections.deque)
+    w_bytes: int = 0  # running sums over ``window``
+    w_seconds: float = 0.0
     algbw: float | None = None
 
 
@@ -113,12 +115,14 @@ class CollectiveMetrics:
         self._add_buckets(agg, d_count, d_seconds, hist, p_hist)
         if d_seconds > 0 and d_bytes > 0:
             agg.window.append((now, d_bytes, d_seconds))
+            agg.w_bytes += d_bytes
+            agg.w_seconds += d_seconds
         while agg.window and agg.window[0][0] < now - self.window_s:
-            agg.window.popleft()
-        w_bytes = sum(b for _, b, _ in agg.window)
-        w_seconds = sum(t for _, _, t in agg.window)
-        if w_seconds > 0:
-            agg.algbw = w_bytes / w_seconds
+            _, b, t = agg.window.popleft()
+            agg.w_bytes -= b
+            agg.w_seconds -= t
+        if agg.window and agg.w_seconds > 0:
+            agg.algbw = agg.w_bytes / agg.w_seconds
 
     @staticmethod
     def _add_buckets(

@@ -95,6 +95,12 @@ class HangDetector:
         entered = [k for k in members if (reports[k].get("coll_entered") or {}).get(group, 0) >= seq]
         missing = [k for k in members if k not in entered]
         frozen = [k for k in members if k in stale]
+        if frozen and len(frozen) == len(members) > 1:
+            # Every rank silent at once looks like a starved machine or a slow daemon, not frozen
+            # ranks: give the reports a longer chance before naming anyone.
+            oldest = min(float(reports[k].get("ts", now)) for k in frozen)
+            if now - oldest < 3 * self.cfg.stale_heartbeat_s:
+                return None
         where = f"{op} (group {group}, seq {seq})"
         if frozen:
             kind, culprits = "frozen_rank", frozen

@@ -91,7 +91,11 @@ def _standby(cfg: Any, where: Path) -> None:
     ensure_ray(cfg.ray, needed_cpus=cfg.trainer.max_world_size + cfg.rollout.workers)
     where.mkdir(parents=True, exist_ok=True)
     (where / "ready").write_text(str(os.getpid()))
+    daemon_pid = os.getppid()
     while not (where / "go").exists():
+        if os.getppid() != daemon_pid:
+            # The daemon that launched this standby is gone; a new one starts its own.
+            sys.exit(0)
         time.sleep(0.05)
 
 

@@ -394,7 +394,9 @@ class Engine:
         t = self.cfg.trainer
         slots = int(ray.cluster_resources().get("CPU", 0)) - self.cfg.rollout.workers
         size = min(t.max_world_size, slots)
-        if size < t.min_world_size:
+        if t.backend == "megatron":  # whole tensor x pipeline parallel groups only
+            size -= size % self.cfg.megatron.model_parallel_size
+        if size < t.min_world_size or size < 1:
             raise InsufficientSlots(
                 f"cluster has {slots} trainer slots; trainer.min_world_size={t.min_world_size}"
             )

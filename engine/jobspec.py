@@ -143,7 +143,7 @@ class DetectionConfig:
     checkpoint_floor_s: float = (
         120.0  # collectives of checkpoint saves (group "checkpoint" or phase checkpoint)
     )
-    stale_heartbeat_s: float = 3.0  # no report this long: the whole process is frozen
+    stale_heartbeat_s: float = 4.0  # no report this long: the whole process is frozen
     action: str = "restart"  # "restart": end the attempt and resume; "report": diagnose only
     stacks: bool = True  # py-spy dump of every rank on a hang
     straggler_threshold: float = 1.12  # compute time relative to the median rank

@@ -250,6 +250,10 @@ class SubprocessServer:
             cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
         cmd += list(cfg.extra_args)
         log_dir.mkdir(parents=True, exist_ok=True)
+        # A server of an earlier attempt whose rollout worker was killed outlives it (own session):
+        # end it before taking its port.
+        self.pid_path = log_dir / f"sglang-{spec.port}.pid"
+        _reap_stale_server(self.pid_path)
         self.log_path = log_dir / f"sglang-w{spec.worker}-s{spec.index}-{spec.port}.log"
         self._log = self.log_path.open("ab")
         self.cmd = cmd
@@ -261,6 +265,7 @@ class SubprocessServer:
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
+        self.pid_path.write_text(str(self.proc.pid))
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -274,6 +279,19 @@ class SubprocessServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, 9)
         self._log.close()
+
+
+def _reap_stale_server(pid_path: Path) -> None:
+    """Kills the process group of a recorded launch_server that is still running (checked by cmdline)."""
+    try:
+        pid = int(pid_path.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"sglang.launch_server" in cmdline:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, 9)
+        time.sleep(1.0)  # let the port go
 
 
 def default_launcher(cfg: SGLangConfig, log_dir: Path) -> Launcher:

@@ -126,9 +126,10 @@ def _llama_reference(
     return norm(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str, mode: str, doc: dict[str, Any]) -> None:
+def _rank_main(rank: int, world: int, out_dir: str, jobs: list[tuple[str, str, int, dict[str, Any]]]) -> None:
     try:
-        _rank_body(rank, world, port, Path(out_dir), mode, doc)
+        for mode, sub, port, doc in jobs:  # one after the other in the same processes
+            _rank_body(rank, world, port, Path(out_dir) / sub, mode, doc)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -169,6 +170,10 @@ def _rank_body(rank: int, world: int, port: int, out: Path, mode: str, doc: dict
                 "logits_close": torch.allclose(policy_logits, megatron_logits, atol=1e-5, rtol=1e-5),
                 "weights_checksum": packet["checksum"],
                 "state_checksum": saved["state_checksum"],
+                # Collectives the rank's instrument recorded (engine/collectives.py): Megatron's own.
+                "collectives": {
+                    f"{op}@{group}": o.count for (op, group), o in trainer.inst.state.ops.items()
+                },
             }
     elif mode == "llama":
         trainer.train_step(1, _batch(cfg, 1))
@@ -211,43 +216,72 @@ def _rank_body(rank: int, world: int, port: int, out: Path, mode: str, doc: dict
     trainer.shutdown()
 
 
-def _spawn(world: int, out: Path, mode: str, doc: dict[str, Any]) -> dict[str, Any]:
+def _spawn(world: int, out: Path, jobs: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Runs (mode, subdir, job) one after the other on ``world`` fresh gloo ranks; rank 0's results."""
     import torch.multiprocessing as mp
 
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env_path) if p)
+    for _, sub, _ in jobs:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    args = [(mode, sub, _free_port(), doc) for mode, sub, doc in jobs]
     try:
-        mp.spawn(_rank_main, args=(world, _free_port(), str(out), mode, doc), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, str(out), args), nprocs=world, join=True)
     finally:
         os.environ["PYTHONPATH"] = env_path
-    return dict(torch.load(out / f"{mode}.pt"))
+    return [dict(torch.load(out / sub / f"{mode}.pt")) for mode, sub, _ in jobs]
 
 
-def test_exported_weights_equal_megatron_and_tp2_checkpoint_loads_at_tp1(tmp_path: Path) -> None:
-    ckpt = {"checkpoint": {"async_save": False}}
-    trained = _spawn(2, tmp_path, "train", _megatron_job(2, 2, **ckpt))
+_LLAMA = {"architecture": "llama", "num_query_groups": 2}
+_SYNC = {"checkpoint": {"async_save": False}}
+
+
+@pytest.fixture(scope="module")
+def tp2_then_tp1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Both architectures trained at TP=2 on two ranks, then their checkpoints loaded at TP=1 on one."""
+    out = tmp_path_factory.mktemp("megatron")
+    sglang = {"rollout": {"backend": "sglang"}}
+    policy2, llama2 = _spawn(
+        2,
+        out,
+        [
+            ("train", "policy", _megatron_job(2, 2, **_SYNC)),
+            ("llama", "llama", _megatron_job(2, 2, megatron=_LLAMA, **_SYNC, **sglang)),
+        ],
+    )
+    policy1, llama1 = _spawn(
+        1,
+        out,
+        [
+            ("load", "policy", _megatron_job(1, 1, **_SYNC)),
+            ("load", "llama", _megatron_job(1, 1, megatron=_LLAMA, **_SYNC, **sglang)),
+        ],
+    )
+    return {"policy2": policy2, "policy1": policy1, "llama2": llama2, "llama1": llama1}
+
+
+def test_exported_weights_equal_megatron_and_tp2_checkpoint_loads_at_tp1(
+    tp2_then_tp1: dict[str, dict[str, Any]],
+) -> None:
+    trained, loaded = tp2_then_tp1["policy2"], tp2_then_tp1["policy1"]
     # The Megatron model starts from the Policy's initial weights ...
     assert trained["initial_equal"]
     # ... and after training, a Policy loaded with the exported weights computes Megatron's logits.
     assert trained["logits_close"], trained["logits_max_diff"]
-    loaded = _spawn(1, tmp_path, "load", _megatron_job(1, 1, **ckpt))
+    # Megatron's tensor-parallel all-reduces (forward, backward, vocab-parallel cross entropy)
+    # reach the collective tracking, under the group name "tp".
+    assert trained["collectives"].get("all_reduce@tp", 0) > 0, trained["collectives"]
+    # TP=2 -> TP=1: the same full weights (exported) and the same full state (manifest checksum).
     assert loaded["manifest_checksum"] == trained["state_checksum"] == loaded["state_checksum"]
     assert loaded["weights_checksum"] == trained["weights_checksum"]
 
 
-def test_llama_architecture_exports_hf_weights_that_match(tmp_path: Path) -> None:
+def test_llama_architecture_exports_hf_weights_that_match(tp2_then_tp1: dict[str, dict[str, Any]]) -> None:
     """Architecture "llama" (what SGLang serves): RoPE, SwiGLU and grouped-query attention at TP=2;
     the HF Llama weights it exports give Megatron's logits, and its TP=2 checkpoint (the gated MLP
     split per TP shard) loads at TP=1 into the same full weights."""
-    llama = {"architecture": "llama", "num_query_groups": 2, "tensor_model_parallel_size": 2}
-    doc = _megatron_job(2, 2, checkpoint={"async_save": False}, megatron=llama, rollout={"backend": "sglang"})
-    trained = _spawn(2, tmp_path, "llama", doc)
+    trained, loaded = tp2_then_tp1["llama2"], tp2_then_tp1["llama1"]
     assert trained["format"] == "hf_llama"
     assert trained["logits_close"], trained["logits_max_diff"]
-    doc1 = _megatron_job(
-        1, 1, checkpoint={"async_save": False}, megatron=llama, rollout={"backend": "sglang"}
-    )
-    doc1["megatron"]["tensor_model_parallel_size"] = 1
-    loaded = _spawn(1, tmp_path, "load", doc1)
     assert loaded["manifest_checksum"] == trained["state_checksum"] == loaded["state_checksum"]
     assert loaded["weights_checksum"] == trained["weights_checksum"]

@@ -127,3 +127,14 @@ def test_two_ranks_one_slow() -> None:
     compute[:, 1] = 0.15
     flags = _feed(StragglerDetector(DetectionConfig()), compute)
     assert [f.rank for f in flags] == [1]
+
+
+def test_all_ranks_silent_is_not_blamed_on_them_at_once() -> None:
+    starved = {
+        ("trainer", 0): rep(entered=8, open_seq=8, ts=NOW - 5.0),
+        ("trainer", 1): rep(entered=8, open_seq=8, ts=NOW - 5.0),
+    }
+    assert detector().check(starved, NOW) is None
+    gone = {k: {**v, "ts": NOW - 20.0} for k, v in starved.items()}
+    d = detector().check(gone, NOW)
+    assert d is not None and d.kind == "frozen_rank" and len(d.culprits) == 2

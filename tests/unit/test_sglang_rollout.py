@@ -312,3 +312,57 @@ def test_sglang_config_errors(doc: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError) as e:
         job_from_dict(tiny_job(**base))
     assert needle in str(e.value)
+
+
+_STUB = '''
+"""A stub ``sglang.launch_server`` for tests: serves the FAKE API on the requested port."""
+import argparse, time
+from tests.fakes.sglang_fake import FakeSGLangServer
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model-path"); ap.add_argument("--host"); ap.add_argument("--port", type=int)
+ap.add_argument("--vocab", type=int, default={vocab})
+args, _ = ap.parse_known_args()
+FakeSGLangServer(vocab=args.vocab, model_path=args.model_path, port=args.port)
+while True:
+    time.sleep(1)
+'''
+
+
+def test_launched_subprocess_server_is_restarted_after_it_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launch path itself: ``python -m sglang.launch_server`` (here a stub module serving the fake)."""
+    import os
+    import signal
+    import socket
+    import time
+
+    from tests.conftest import REPO
+
+    stub = tmp_path / "stub" / "sglang"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("")
+    (stub / "launch_server.py").write_text(_STUB.format(vocab=VOCAB))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stub.parent), str(REPO)]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _job(port_base=port, startup_grace_s=60.0, failure_threshold=1)
+    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path / "run"), background=False)
+    try:
+        worker.update_weights(_packet(cfg, 0))
+        (server,) = worker.manager.servers
+        proc = server.proc
+        assert proc is not None and "sglang.launch_server" in " ".join(proc.cmd)  # type: ignore[attr-defined]
+        assert worker.generate(1, _prompts(cfg), expected_version=0)["weight_version"] == 0
+        os.kill(proc.proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker.manager.tick()
+        assert server.restarts == 1 and server.proc is not proc
+        assert worker.generate(2, _prompts(cfg), expected_version=0)["weight_version"] == 0
+        assert "sglang_server_restarted" in _kinds(tmp_path / "run")
+    finally:
+        worker.shutdown()
