@@ -184,6 +184,11 @@ class Store:
         rows = self._all("SELECT record FROM steps WHERE step > ? ORDER BY step LIMIT ?", (since, limit))
         return [json.loads(r["record"]) for r in rows]
 
+    def recent_steps(self, n: int) -> list[dict[str, Any]]:
+        """The newest ``n`` step records, oldest first (cheap on long runs: no full scan)."""
+        rows = self._all("SELECT record FROM steps ORDER BY step DESC LIMIT ?", (n,))
+        return [json.loads(r["record"]) for r in reversed(rows)]
+
     def last_step(self) -> dict[str, Any] | None:
         row = self._one("SELECT record FROM steps ORDER BY step DESC LIMIT 1")
         return json.loads(row["record"]) if row else None

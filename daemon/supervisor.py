@@ -590,7 +590,7 @@ class Supervisor:
                 setter(rank, score)
 
     def progress_bound(self) -> float:
-        recent = [s["step_s"] for s in self.store.steps()[-20:] if "step_s" in s]
+        recent = [s["step_s"] for s in self.store.recent_steps(20) if "step_s" in s]
         median = statistics.median(recent) if recent else 0.0
         return max(self.sup.progress_floor_s, self.sup.progress_factor * median)
 

@@ -92,6 +92,8 @@ class MegatronBackend:
         self.model: Any = None  # what the forward runs (DDP-wrapped on CUDA)
         self.ref: Any = None
         self.optim: Any = None
+        self.poison_next = False  # the ``nan`` fault: this rank's next loss becomes NaN
+        self.skipped_updates = 0
 
     # -- set-up ---------------------------------------------------------------
     def setup(self, ctx: BackendContext) -> dict[str, Any]:
@@ -478,6 +480,9 @@ class MegatronBackend:
                 ref_logp=mb["ref_logp"],
                 token_count=global_tokens,
             )
+            if self.poison_next:
+                self.poison_next = False
+                loss = loss * float("nan")
             # Gradients are averaged over data-parallel replicas; the loss is a share of the global mean.
             return loss * self.dp, stats
 
@@ -496,6 +501,15 @@ class MegatronBackend:
             self.optim.zero_grad()
             reports = self._run(self.model, [mb], loss_fn, forward_only=False)
             grad_norm = self.optim.step()
+            if not math.isfinite(grad_norm):
+                self.skipped_updates += 1
+                self.ctx.events.emit(
+                    "nonfinite_gradients",
+                    f"step {step}: gradient norm {grad_norm}; update skipped on every rank",
+                    severity="error",
+                    step=step,
+                    skipped_updates=self.skipped_updates,
+                )
             if reporter and reports:
                 stats = reports[0]
                 local_tokens = len(local) * resp_len
@@ -658,6 +672,10 @@ class _CpuOptimizer:
             with inst.collective("all_reduce", group="mp", nbytes=4):
                 dist.all_reduce(sq, group=ps.get_model_parallel_group())
         norm = float(sq.sqrt())
+        if not math.isfinite(norm):
+            # Reduced over the data- and model-parallel groups: every rank skips this update.
+            self.zero_grad()
+            return norm
         coef = be.ctx.cfg.grpo.max_grad_norm / (norm + 1e-6)
         for p, gr in zip(self.params, grads, strict=True):
             p.grad = gr * coef if coef < 1.0 else gr
@@ -695,6 +713,9 @@ class _MegatronOptimizer:
         if m.bf16 and not m.use_distributed_optimizer:
             raise ValueError("megatron.bf16=true: needs megatron.use_distributed_optimizer=true")
         ddp_cfg = DistributedDataParallelConfig(
+            # A non-finite gradient fails the step (and the attempt resumes from a checkpoint)
+            # instead of reaching the weights.
+            check_for_nan_in_grad=True,
             grad_reduce_in_fp32=m.grad_reduce_in_fp32,
             overlap_grad_reduce=m.overlap_grad_reduce,
             use_distributed_optimizer=m.use_distributed_optimizer,

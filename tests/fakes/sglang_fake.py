@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import pickle
+import queue
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +38,8 @@ class FakeSGLangServer:
         self.weight_version = "default"
         self.requests: list[tuple[str, Any]] = []
         self.groups: dict[str, dict[str, Any]] = {}
-        self.distributed_inbox: list[torch.Tensor] = []  # what a test "broadcasts" to this server
+        # What a test "broadcasts" to this server; like NCCL receives, the handler waits for each tensor.
+        self.distributed_inbox: queue.Queue[torch.Tensor] = queue.Queue()
         self.lock = threading.Lock()
         self.alive = True
         if model_path:
@@ -150,7 +152,10 @@ class FakeSGLangServer:
                 return 400, {"success": False, "message": "group not initialized"}, None
             got = {}
             for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"], strict=True):
-                t = self.distributed_inbox.pop(0)
+                try:
+                    t = self.distributed_inbox.get(timeout=30)
+                except queue.Empty:
+                    return 400, {"success": False, "message": f"{name}: nothing broadcast"}, None
                 if list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
                     return 400, {"success": False, "message": f"{name}: got {t.dtype}{list(t.shape)}"}, None
                 got[name] = t

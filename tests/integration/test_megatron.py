@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -137,6 +138,7 @@ def _rank_main(rank: int, world: int, out_dir: str, jobs: list[tuple[str, str, i
 
 
 def _rank_body(rank: int, world: int, port: int, out: Path, mode: str, doc: dict[str, Any]) -> None:
+    import torch.distributed as dist
     from milepost.engine.model import Policy, build_policy
     from milepost.engine.trainer import TrainerRank
 
@@ -150,11 +152,16 @@ def _rank_body(rank: int, world: int, port: int, out: Path, mode: str, doc: dict
         first = trainer.export_weights(0)
         for step in (1, 2):
             trainer.train_step(step, _batch(cfg, step))
-        packet = trainer.export_weights(2)
-        batch = _batch(cfg, 3)
+        # The nan fault on rank 0 (its loss of the first minibatch of step 3): the non-finite
+        # gradient norm reaches every rank and all skip that update; the second minibatch trains.
+        backend.poison_next = rank == 0
+        poisoned = trainer.train_step(3, _batch(cfg, 3))
+        packet = trainer.export_weights(3)
+        batch = _batch(cfg, 4)
         tokens = torch.cat([batch["prompts"], batch["responses"]], dim=1)[:, :-1]
         megatron_logits = _full_logits(backend, tokens, vocab)
-        saved = trainer.save_checkpoint(2, {"weight_version": 2})
+        saved = trainer.save_checkpoint(3, {"weight_version": 3})
+        dist.barrier()  # both ranks' events are written
         trainer.wait_checkpoint()
         if rank == 0:
             initial = build_policy(cfg.model, vocab, cfg.run.seed).state_dict()
@@ -170,6 +177,11 @@ def _rank_body(rank: int, world: int, port: int, out: Path, mode: str, doc: dict
                 "logits_close": torch.allclose(policy_logits, megatron_logits, atol=1e-5, rtol=1e-5),
                 "weights_checksum": packet["checksum"],
                 "state_checksum": saved["state_checksum"],
+                "poisoned_grad_norm": poisoned["grad_norm"],
+                "weights_finite": all(bool(t.isfinite().all()) for t in packet["state"].values()),
+                "skipped": [
+                    e.data.get("skipped_updates") for e in read_events(out) if e.kind == "nonfinite_gradients"
+                ],
                 # Collectives the rank's instrument recorded (engine/collectives.py): Megatron's own.
                 "collectives": {
                     f"{op}@{group}": o.count for (op, group), o in trainer.inst.state.ops.items()
@@ -268,6 +280,8 @@ def test_exported_weights_equal_megatron_and_tp2_checkpoint_loads_at_tp1(
     assert trained["initial_equal"]
     # ... and after training, a Policy loaded with the exported weights computes Megatron's logits.
     assert trained["logits_close"], trained["logits_max_diff"]
+    assert math.isnan(trained["poisoned_grad_norm"]) and trained["weights_finite"]
+    assert trained["skipped"] == [1, 1]  # one skipped update, on both ranks
     # Megatron's tensor-parallel all-reduces (forward, backward, vocab-parallel cross entropy)
     # reach the collective tracking, under the group name "tp".
     assert trained["collectives"].get("all_reduce@tp", 0) > 0, trained["collectives"]

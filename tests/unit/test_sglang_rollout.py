@@ -174,7 +174,7 @@ def test_tensor_and_distributed_updates(tmp_path: Path, fakes: list[FakeSGLangSe
             return fake
 
         def _broadcast(self, group: Any, tensor: torch.Tensor) -> None:
-            group.distributed_inbox.append(tensor.clone())
+            group.distributed_inbox.put(tensor.clone())
 
     cfg = _job(urls=[fake.url], weight_update="distributed")
     worker = FakeChannel(cfg, index=0, run_dir=str(tmp_path / "d"), background=False)
