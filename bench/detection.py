@@ -96,11 +96,12 @@ def simulate(ranks: int, slowdown: float, seed: int = 0) -> dict[str, float]:
     StragglerDetector, and a hang tick of the real HangDetector over ``ranks`` reports."""
     rng = np.random.default_rng(seed)
     cfg = DetectionConfig()
-    steps = cfg.straggler_window_steps * (cfg.straggler_windows + 3)
+    steps = cfg.straggler_window_steps * (cfg.straggler_windows + 5)
     slow = set(rng.choice(ranks, size=max(1, ranks // 100), replace=False).tolist())
     base = rng.uniform(0.09, 0.11)  # every rank runs the same work; noise per step
     compute = base * rng.lognormal(0.0, 0.03, size=(steps, ranks))
-    compute[:, sorted(slow)] *= slowdown
+    onset = 2 * cfg.straggler_window_steps  # ranks degrade mid-run (after their baseline windows)
+    compute[onset:, sorted(slow)] *= slowdown
     det = StragglerDetector(cfg)
     ticks: list[float] = []
     flagged: set[int] = set()

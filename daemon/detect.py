@@ -223,7 +223,10 @@ class StragglerDetector:
             for r, score, own in zip(ranks, rel, per_rank, strict=True):
                 base = self.baseline.setdefault(r, float(own))
                 self.scores[r] = float(score)
-                if score > self.cfg.straggler_threshold:
+                # Slower than the median rank AND than its own past: a rank that has always been a
+                # little slower (placement, a shared core) is not a straggler, one that became slow is.
+                own_margin = 1.0 + (self.cfg.straggler_threshold - 1.0) / 2
+                if score > self.cfg.straggler_threshold and float(own) / max(base, 1e-9) > own_margin:
                     self.streak[r] += 1
                 else:
                     self.streak[r] = 0

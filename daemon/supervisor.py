@@ -491,6 +491,8 @@ class Supervisor:
         run = self.store.run() or {}
         if run.get("state") == "PAUSED":
             return None
+        if time.time() - self.started_at < 2 * self.ops.detection.stale_heartbeat_s:
+            return None  # a (re)started daemon: the ranks' buffered reports are still arriving
         diag = self.hang.check(self._current_reports(), time.time(), self.best_step_at_launch)
         if diag is None:
             return None
@@ -708,6 +710,7 @@ class Supervisor:
     def ingest(self, batch: dict[str, Any]) -> dict[str, Any]:
         accepted = 0
         driver_seen = False
+        latest: dict[tuple[int, str, int], dict[str, Any]] = {}
         for rep in batch.get("reports", []):
             key = (int(rep["attempt"]), str(rep["role"]), int(rep["rank"]))
             stats = self.report_stats.setdefault(key, list(self.store.seen_seq(*key)))
@@ -716,13 +719,18 @@ class Supervisor:
             stats[0] = rep["seq"]
             stats[1] += 1
             accepted += 1
-            self.store.set_seen_seq(*key, stats[0], stats[1])
+            latest[key] = rep
             self.metrics.on_report(rep)
             if key[0] == self.attempt_no:
-                self.store.upsert_rank(key[1], key[2], key[0], rep)
                 driver_seen = driver_seen or key[1] == "driver"
                 if key[1] == "trainer":
                     self.stragglers.add_report(key[2], rep)
+        # A replayed backlog is many snapshots of the same ranks: write each rank's newest once.
+        for key, rep in latest.items():
+            stats = self.report_stats[key]
+            self.store.set_seen_seq(*key, stats[0], stats[1])
+            if key[0] == self.attempt_no:
+                self.store.upsert_rank(key[1], key[2], key[0], rep)
         return {
             "accepted": accepted,
             "control": list(self.controls) if driver_seen else [],

@@ -22,7 +22,7 @@ from .wire import INGEST_PATH, make_report
 
 log = logging.getLogger(__name__)
 
-_BATCH = 256
+_BATCH = 32  # small posts: a replayed backlog must not hog the GIL the training thread needs
 
 
 class Reporter:
@@ -35,7 +35,7 @@ class Reporter:
         attempt: int,
         interval_s: float = 1.0,
         max_buffer: int = 4096,
-        timeout_s: float = 2.0,
+        timeout_s: float = 5.0,
         on_response: Callable[[dict[str, Any]], None] | None = None,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
