@@ -365,11 +365,14 @@ class Engine:
         paused = False
         while True:
             for action in self.control.drain():
-                if action == "checkpoint" and self.last_saved != step:
+                if action == "checkpoint":
+                    fresh = self.last_saved != step
+                    note = "" if fresh else " (already saved at this step)"
                     self.events.emit(
-                        "checkpoint_requested", f"checkpoint of step {step} on request", step=step
+                        "checkpoint_requested", f"checkpoint of step {step} on request{note}", step=step
                     )
-                    self._checkpoint(step)
+                    if fresh:
+                        self._checkpoint(step)
                 elif action == "stop":
                     if self.last_saved != step:
                         self._checkpoint(step)
