@@ -58,15 +58,14 @@ class TorchRolloutWorker:
         self.policy = build_policy(cfg.model, self.task.vocab_size, cfg.run.seed).eval()
         self.version = -1  # no weights synced from the trainer yet
         self.checksum = ""
-        self.rt = RankRuntime(
+        self.rt = RankRuntime.for_job(
+            cfg,
             role="rollout",
             rank=index,
             run_dir=run_dir,
             attempt=attempt,
-            faults=cfg.faults,
             daemon_url=daemon_url,
             token=token,
-            report_interval_s=cfg.supervisor.report_interval_s,
         )
         self.events, self.inst = self.rt.events, self.rt.inst
         self.inst.set_phase("idle")

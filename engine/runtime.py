@@ -64,6 +64,32 @@ class RankRuntime:
             reporter=self.reporter,
         )
 
+    @classmethod
+    def for_job(
+        cls,
+        cfg: Any,
+        *,
+        role: str,
+        rank: int,
+        run_dir: str,
+        attempt: int,
+        daemon_url: str | None,
+        token: str | None,
+        on_response: Any = None,
+    ) -> RankRuntime:
+        """The runtime of one process of a job's attempt (faults and report interval from the job)."""
+        return cls(
+            role=role,
+            rank=rank,
+            run_dir=run_dir,
+            attempt=attempt,
+            faults=cfg.faults,
+            daemon_url=daemon_url,
+            token=token,
+            report_interval_s=cfg.supervisor.report_interval_s,
+            on_response=on_response,
+        )
+
     def _on_response(self, resp: dict[str, Any]) -> None:
         for f in resp.get("faults") or []:
             fid = int(f.get("id", 0))

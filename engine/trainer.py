@@ -68,15 +68,14 @@ class TrainerRank:
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.run_dir, self.attempt = run_dir, attempt
-        self.rt = RankRuntime(
+        self.rt = RankRuntime.for_job(
+            cfg,
             role="trainer",
             rank=rank,
             run_dir=run_dir,
             attempt=attempt,
-            faults=cfg.faults,
             daemon_url=daemon_url,
             token=token,
-            report_interval_s=cfg.supervisor.report_interval_s,
         )
         self.events, self.inst = self.rt.events, self.rt.inst
         self.store = CheckpointStore(cfg.checkpoint_root(run_dir), keep_last=cfg.checkpoint.keep_last)

@@ -503,15 +503,14 @@ class SGLangRolloutWorker:
         self.scfg = s = cfg.sglang
         self.task = Task(cfg.task)
         self.run_dir = Path(run_dir)
-        self.rt = RankRuntime(
+        self.rt = RankRuntime.for_job(
+            cfg,
             role="rollout",
             rank=index,
             run_dir=run_dir,
             attempt=attempt,
-            faults=cfg.faults,
             daemon_url=daemon_url,
             token=token,
-            report_interval_s=cfg.supervisor.report_interval_s,
         )
         self.events, self.inst = self.rt.events, self.rt.inst
         self.version, self.checksum = -1, ""
