@@ -84,6 +84,8 @@ class HangDetector:
             for k, r in reports.items()
             if now - float(r.get("ts", now)) > self.cfg.stale_heartbeat_s and r.get("state") != "exited"
         ]
+        if stuck is None and stale:
+            stuck = self._peer_wait(reports, stale, now)
         if stuck is None:
             return self._frozen_without_collective(reports, stale, now, attempt_start_step)
         onset, group, seq, op, _ = stuck
@@ -139,6 +141,23 @@ class HangDetector:
             + ", ".join(f"{k} {v}" for k, v in sorted(phases.items()))
         )
         return Diagnosis(kind, culprits, group, seq, op, onset, now, message, phases, waiting)
+
+    def _peer_wait(
+        self, reports: dict[tuple[str, int], Report], stale: list[tuple[str, int]], now: float
+    ) -> tuple[float, str, int, str, tuple[str, int]] | None:
+        """The oldest collective a live rank has waited in for ``stale_heartbeat_s`` while a peer is silent.
+
+        A frozen rank blocks its peers in whatever collective comes next -- a checkpoint save's
+        included, whose own threshold is minutes: the silence plus the wait names it sooner.
+        """
+        waits = [
+            (float(c["enter_ts"]), c["group"], int(c["seq"]), c["op"], key)
+            for key, rep in reports.items()
+            if key not in stale
+            for c in rep.get("open_collectives") or []
+            if now - float(c["enter_ts"]) > self.cfg.stale_heartbeat_s
+        ]
+        return min(waits) if waits else None
 
     def _frozen_without_collective(
         self,

@@ -90,6 +90,18 @@ def test_thresholds_floor_history_warmup_and_checkpoint() -> None:
     assert detector().check(ckpt, NOW) is None
 
 
+def test_frozen_rank_during_a_checkpoint_save_names_the_save_collective() -> None:
+    waiting = rep(phase="checkpoint", entered=8, open_seq=8, enter_ts=NOW - 5.0)
+    waiting["open_collectives"][0]["group"] = "checkpoint"  # its own threshold is minutes
+    waiting["coll_entered"] = {"world": 7, "checkpoint": 8}
+    reports = {("trainer", 0): waiting, ("trainer", 1): rep(phase="checkpoint", entered=7, ts=NOW - 5.0)}
+    d = detector().check(reports, NOW)
+    assert d is not None and d.kind == "frozen_rank" and d.culprits == [("trainer", 1)]
+    assert (d.group, d.seq, d.op) == ("checkpoint", 8, "all_gather") and d.waiting == [("trainer", 0)]
+    reports[("trainer", 1)]["ts"] = NOW - 0.5  # alive: a long save is no hang
+    assert detector().check(reports, NOW) is None
+
+
 def test_frozen_rollout_worker_outside_collectives() -> None:
     reports = {("trainer", 0): rep(entered=7), ("rollout", 0): rep(phase="rollout", ts=NOW - 10.0)}
     d = detector().check(reports, NOW)
