@@ -281,11 +281,13 @@ class Supervisor:
                 warm=warm,
             )
 
-    def _kill_attempt(self, reason: str) -> None:
+    def _kill_attempt(self, reason: str | None) -> None:
+        """SIGKILLs the attempt's process group; ``reason`` None: quietly, it is exiting anyway."""
         pid = self.attempt_pid
         if pid is None:
             return
-        self.event("attempt_killed", f"ending attempt {self.attempt_no} (pid {pid}): {reason}", "warning")
+        if reason is not None:
+            self.event("attempt_killed", f"ending attempt {self.attempt_no} (pid {pid}): {reason}", "warning")
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -415,6 +417,11 @@ class Supervisor:
             self._on_attempt_end(EXIT_RESUME_MISMATCH)
             return
         code = self._attempt_exit_code()
+        if code is None and self.attempt_outcome.get("failed") is not None:
+            # It said why, after its actors were gone and any save in flight had landed: its own
+            # Ray teardown (seconds) is not worth waiting for before the next attempt starts.
+            self._kill_attempt(None)
+            code = 1
         if code is not None:
             self._tail()  # the attempt's last words may have landed since the tick began
             self._on_attempt_end(code)

@@ -32,7 +32,7 @@ def _engine(args: argparse.Namespace) -> int:
         cfg.ray.address = args.ray_address
     run_dir = cfg.run_dir(args.run_dir)
     if args.standby_dir:
-        _standby(cfg, Path(args.standby_dir))
+        _standby(cfg, Path(args.standby_dir), args, run_dir)
     bar = tqdm(
         total=args.steps or cfg.run.steps,
         desc=cfg.run.name,
@@ -59,11 +59,20 @@ def _engine(args: argparse.Namespace) -> int:
         token=os.environ.get("MILEPOST_TOKEN"),
     )
     print(f"milepost engine: job {args.job}, run dir {run_dir}, attempt {args.attempt}", file=sys.stderr)
+    said: list[BaseException] = []
+
+    def say_failed(e: BaseException) -> None:
+        said.append(e)
+        _, data = _failure(e)
+        engine.events.emit("attempt_failed", f"attempt {args.attempt} failed: {e}", severity="error", **data)
+
+    engine.on_failure = say_failed
     try:
         result = engine.run()
     except BaseException as e:
-        code, data = _failure(e)
-        engine.events.emit("attempt_failed", f"attempt {args.attempt} failed: {e}", severity="error", **data)
+        code, _ = _failure(e)
+        if e not in said:
+            say_failed(e)
         print(f"milepost engine: attempt {args.attempt} failed: {e}", file=sys.stderr)
         if code == 1 and not isinstance(e, Exception):
             raise
@@ -80,15 +89,25 @@ def _engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _standby(cfg: Any, where: Path) -> None:
-    """Warm standby for the daemon: imports done and Ray up, then wait for the go file.
+def _standby(cfg: Any, where: Path, args: argparse.Namespace, run_dir: Path) -> None:
+    """Warm standby for the daemon: imports done, Ray up, actors built; then wait for the go file.
 
     The daemon keeps one of these ready while an attempt runs, so a restart skips the
-    interpreter, torch and Ray start-up (seconds of mean time to recovery).
+    interpreter, torch and Ray start-up and the actors' process start (seconds of mean time
+    to recovery).
     """
     from .cluster import ensure_ray
+    from .driver import prewarm_actors
 
     ensure_ray(cfg.ray, needed_cpus=cfg.trainer.max_world_size + cfg.rollout.workers)
+    prewarm_actors(
+        cfg,
+        run_dir,
+        attempt=args.attempt,
+        world_size=args.world_size or cfg.trainer.world_size,
+        daemon_url=args.daemon_url,
+        token=os.environ.get("MILEPOST_TOKEN"),
+    )
     where.mkdir(parents=True, exist_ok=True)
     (where / "ready").write_text(str(os.getpid()))
     daemon_pid = os.getppid()

@@ -121,31 +121,29 @@ class Engine:
         self.stopped = False
         self.owners: dict[str, tuple[str, int]] = {}
         self.corrupt_next_sync = False  # fault hook: tamper with the next weight packet in transit
+        self.built_ahead = 0  # actors a warm standby had built for this attempt
+        self.on_failure: Callable[[BaseException], None] | None = None  # called once the actors are gone
 
     # -- actors ---------------------------------------------------------------
     def _start_actors(self) -> None:
-        import ray
-
-        trainer_cls = ray.remote(num_cpus=1, num_gpus=self.cfg.trainer.gpus_per_rank, max_restarts=0)(
-            traced_actor(TrainerRank, TRAINER_METHODS)
-        )
-        worker_cls: Any = ray.remote(num_cpus=1, max_restarts=0)(
-            traced_actor(rollout_worker_class(self.cfg), ROLLOUT_METHODS)
-        )
-        run_dir = str(self.run_dir)
         common = {
-            "run_dir": run_dir,
+            "run_dir": str(self.run_dir),
             "attempt": self.attempt,
             "daemon_url": self.daemon_url,
             "token": self.token,
         }
-        self.trainers = [
-            trainer_cls.remote(self.cfg, rank=r, world_size=self.world_size, **common)
-            for r in range(self.world_size)
-        ]
-        self.workers = [
-            worker_cls.remote(self.cfg, index=i, **common) for i in range(self.cfg.rollout.workers)
-        ]
+        pre = _take_prewarmed(self.attempt, self.world_size)
+        if pre is not None:
+            self.trainers = pre.trainers
+            self.workers = pre.workers or _create_workers(self.cfg, common, deferred=False)
+            self.owners = {a._actor_id.hex(): ("trainer", r) for r, a in enumerate(self.trainers)}
+            self.owners.update({a._actor_id.hex(): ("rollout", i) for i, a in enumerate(self.workers)})
+            ahead = self.trainers + pre.workers
+            self._gather([a.start_runtime.remote() for a in ahead], ahead)
+            self.built_ahead = len(ahead)
+        else:
+            self.trainers = _create_trainers(self.cfg, self.world_size, common, deferred=False)
+            self.workers = _create_workers(self.cfg, common, deferred=False)
         self.owners = {a._actor_id.hex(): ("trainer", r) for r, a in enumerate(self.trainers)}
         self.owners.update({a._actor_id.hex(): ("rollout", i) for i, a in enumerate(self.workers)})
         host, port = self._gather([self.trainers[0].rendezvous_address.remote()], [self.trainers[0]])[0]
@@ -153,8 +151,10 @@ class Engine:
         infos += self._gather([w.info.remote() for w in self.workers], self.workers)
         self.events.emit(
             "attempt_started",
-            f"attempt {self.attempt}: {self.world_size} trainer ranks, {len(self.workers)} rollout workers",
+            f"attempt {self.attempt}: {self.world_size} trainer ranks, {len(self.workers)} rollout workers"
+            + (f" ({self.built_ahead} built ahead by the standby)" if self.built_ahead else ""),
             world_size=self.world_size,
+            built_ahead=self.built_ahead,
             ranks=infos,
         )
 
@@ -467,11 +467,89 @@ class Engine:
                 final_checksum=final,
                 steps=results,
             )
+        except BaseException as e:
+            # Say why first, as soon as no actor can still write (a save in flight has landed):
+            # the daemon need not wait for this process's Ray teardown to start the next attempt.
+            self._stop_actors(graceful=False)
+            if self.on_failure is not None:
+                self.on_failure(e)
+            raise
         finally:
             self._stop_actors(graceful=ok)
             self.rt.close()
             if started_ray:
                 ray.shutdown()
+
+
+def _create_trainers(cfg: JobConfig, world_size: int, common: dict[str, Any], *, deferred: bool) -> list[Any]:
+    import ray
+
+    cls = ray.remote(num_cpus=1, num_gpus=cfg.trainer.gpus_per_rank, max_restarts=0)(
+        traced_actor(TrainerRank, TRAINER_METHODS)
+    )
+    return [
+        cls.remote(cfg, rank=r, world_size=world_size, deferred=deferred, **common) for r in range(world_size)
+    ]
+
+
+def _create_workers(cfg: JobConfig, common: dict[str, Any], *, deferred: bool) -> list[Any]:
+    import ray
+
+    cls: Any = ray.remote(num_cpus=1, max_restarts=0)(
+        traced_actor(rollout_worker_class(cfg), ROLLOUT_METHODS)
+    )
+    return [cls.remote(cfg, index=i, deferred=deferred, **common) for i in range(cfg.rollout.workers)]
+
+
+@dataclass
+class _Prewarmed:
+    attempt: int
+    world_size: int
+    trainers: list[Any]
+    workers: list[Any]  # empty when the rollout backend is not built ahead
+
+
+_prewarmed: _Prewarmed | None = None
+
+
+def prewarm_actors(
+    cfg: JobConfig,
+    run_dir: str | Path,
+    *,
+    attempt: int,
+    world_size: int,
+    daemon_url: str | None,
+    token: str | None,
+) -> None:
+    """A warm standby builds its attempt's actors ahead: processes up, torch and the model imported.
+
+    They report nothing until the attempt begins (``start_runtime``). Only on a local cluster
+    the standby owns: on a shared cluster they would hold slots the running attempt may need.
+    Torch rollout workers only: an SGLang worker launches servers, which must not run twice.
+    """
+    global _prewarmed
+    if cfg.ray.address != "local":
+        return
+    common = {"run_dir": str(run_dir), "attempt": attempt, "daemon_url": daemon_url, "token": token}
+    trainers = _create_trainers(cfg, world_size, common, deferred=True)
+    workers = _create_workers(cfg, common, deferred=True) if cfg.rollout.backend == "torch" else []
+    _prewarmed = _Prewarmed(attempt, world_size, trainers, workers)
+
+
+def _take_prewarmed(attempt: int, world_size: int) -> _Prewarmed | None:
+    """The actors built ahead for this attempt at this world size, if any (others are let go)."""
+    import ray
+
+    global _prewarmed
+    pre, _prewarmed = _prewarmed, None
+    if pre is None:
+        return None
+    if pre.attempt == attempt and pre.world_size == world_size:
+        return pre
+    for a in pre.trainers + pre.workers:
+        with contextlib.suppress(Exception):
+            ray.kill(a, no_restart=True)
+    return None
 
 
 class ActorFailure(RuntimeError):

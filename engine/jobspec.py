@@ -95,7 +95,7 @@ class RolloutConfig:
 class SupervisorConfig:
     max_restarts: int = 20  # restarts of the run in total before it is FAILED
     no_progress_restarts: int = 3  # consecutive restarts without a new step before it is FAILED
-    backoff_initial_s: float = 1.0
+    backoff_initial_s: float = 0.5
     backoff_max_s: float = 60.0
     startup_grace_s: float = 180.0  # attempt start -> first step: Ray, actors, resume
     heartbeat_timeout_trainer_s: float = 20.0

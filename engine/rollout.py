@@ -18,7 +18,7 @@ import torch
 from .config import JobConfig
 from .generate import generate
 from .model import build_policy
-from .runtime import RankRuntime
+from .runtime import RankRuntime, RuntimeActor
 from .seeding import generator
 from .task import Task
 from .weights import state_checksum
@@ -41,7 +41,7 @@ class RolloutEngine(Protocol):
     def health(self) -> dict[str, Any]: ...
 
 
-class TorchRolloutWorker:
+class TorchRolloutWorker(RuntimeActor):
     def __init__(
         self,
         cfg: JobConfig,
@@ -51,6 +51,7 @@ class TorchRolloutWorker:
         attempt: int = 0,
         daemon_url: str | None = None,
         token: str | None = None,
+        deferred: bool = False,
     ) -> None:
         torch.set_num_threads(cfg.rollout.threads_per_worker)
         self.cfg, self.index = cfg, index
@@ -66,6 +67,7 @@ class TorchRolloutWorker:
             attempt=attempt,
             daemon_url=daemon_url,
             token=token,
+            start=not deferred,  # built ahead by a warm standby: reports once its attempt begins
         )
         self.events, self.inst = self.rt.events, self.rt.inst
         self.inst.set_phase("idle")

@@ -32,6 +32,7 @@ class RankRuntime:
         token: str | None = None,
         report_interval_s: float = 1.0,
         on_response: Any = None,
+        start: bool = True,
     ) -> None:
         self.events = EventSink(run_dir, attempt=attempt, role=role, rank=None if role == "driver" else rank)
         self.inst = RankInstrument(role, rank)
@@ -44,25 +45,39 @@ class RankRuntime:
         self._dumped: set[tuple[str, int]] = set()
         self._seen_faults: set[int] = set()
         self._user_on_response = on_response
+        self._daemon_url, self._token, self._interval_s = daemon_url, token, report_interval_s
         self.reporter: Reporter | None = None
-        if daemon_url:
+        self.telemetry: RankTelemetry | None = None
+        if start:
+            self.start()
+
+    def start(self) -> RankRuntime:
+        """Starts reporting to the daemon and tracing (idempotent).
+
+        A process built ahead of its attempt (a warm standby's actors) starts these only
+        when the attempt begins, so nothing is reported for an attempt not yet running.
+        """
+        if self.telemetry is not None:
+            return self
+        if self._daemon_url:
             self.reporter = Reporter(
-                daemon_url,
-                token or os.environ.get(TOKEN_ENV, ""),
+                self._daemon_url,
+                self._token or os.environ.get(TOKEN_ENV, ""),
                 self.inst,
-                attempt=attempt,
-                interval_s=report_interval_s,
+                attempt=self.attempt,
+                interval_s=self._interval_s,
                 on_response=self._on_response,
                 on_tick=self._on_tick,
             ).start()
         self.telemetry = RankTelemetry(
-            role=role,
-            rank=rank,
-            attempt=attempt,
-            daemon_url=daemon_url,
-            token=token or os.environ.get(TOKEN_ENV),
+            role=self.role,
+            rank=self.rank,
+            attempt=self.attempt,
+            daemon_url=self._daemon_url,
+            token=self._token or os.environ.get(TOKEN_ENV),
             reporter=self.reporter,
         )
+        return self
 
     @classmethod
     def for_job(
@@ -76,6 +91,7 @@ class RankRuntime:
         daemon_url: str | None,
         token: str | None,
         on_response: Any = None,
+        start: bool = True,
     ) -> RankRuntime:
         """The runtime of one process of a job's attempt (faults and report interval from the job)."""
         return cls(
@@ -88,6 +104,7 @@ class RankRuntime:
             token=token,
             report_interval_s=cfg.supervisor.report_interval_s,
             on_response=on_response,
+            start=start,
         )
 
     def _on_response(self, resp: dict[str, Any]) -> None:
@@ -143,7 +160,17 @@ class RankRuntime:
         self.reporter.report_now()
 
     def close(self) -> None:
-        self.telemetry.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
         if self.reporter is not None:
             self.reporter.status = "exited"
             self.reporter.stop()
+
+
+class RuntimeActor:
+    """Mixed into actor classes: ``start_runtime`` begins the reporting of an actor built ahead."""
+
+    rt: RankRuntime
+
+    def start_runtime(self) -> None:
+        self.rt.start()

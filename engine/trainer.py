@@ -27,7 +27,7 @@ from . import collectives
 from .backends.base import BackendContext, TrainBackend, make_backend
 from .checkpoint import CheckpointStore
 from .config import JobConfig
-from .runtime import RankRuntime
+from .runtime import RankRuntime, RuntimeActor
 from .weights import state_checksum
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def node_address() -> str:
     return "127.0.0.1"
 
 
-class TrainerRank:
+class TrainerRank(RuntimeActor):
     def __init__(
         self,
         cfg: JobConfig,
@@ -65,6 +65,7 @@ class TrainerRank:
         attempt: int = 0,
         daemon_url: str | None = None,
         token: str | None = None,
+        deferred: bool = False,
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.run_dir, self.attempt = run_dir, attempt
@@ -76,6 +77,7 @@ class TrainerRank:
             attempt=attempt,
             daemon_url=daemon_url,
             token=token,
+            start=not deferred,  # built ahead by a warm standby: reports once its attempt begins
         )
         self.events, self.inst = self.rt.events, self.rt.inst
         self.store = CheckpointStore(cfg.checkpoint_root(run_dir), keep_last=cfg.checkpoint.keep_last)

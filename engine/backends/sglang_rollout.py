@@ -50,7 +50,7 @@ import torch
 from ..config import JobConfig
 from ..events import EventSink
 from ..rollout import StaleWeightsError, WeightSyncError
-from ..runtime import RankRuntime
+from ..runtime import RankRuntime, RuntimeActor
 from ..task import Task
 from ..weights import state_checksum
 from .megatron_convert import hf_llama_config
@@ -483,7 +483,7 @@ def write_hf_dir(path: Path, state: dict[str, torch.Tensor], config: dict[str, A
 # -- the rollout worker ---------------------------------------------------------------------
 
 
-class SGLangRolloutWorker:
+class SGLangRolloutWorker(RuntimeActor):
     """The rollout protocol (update_weights, generate, health) over SGLang servers."""
 
     def __init__(
@@ -495,6 +495,7 @@ class SGLangRolloutWorker:
         attempt: int = 0,
         daemon_url: str | None = None,
         token: str | None = None,
+        deferred: bool = False,
         launcher: Launcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
@@ -511,6 +512,7 @@ class SGLangRolloutWorker:
             attempt=attempt,
             daemon_url=daemon_url,
             token=token,
+            start=not deferred,
         )
         self.events, self.inst = self.rt.events, self.rt.inst
         self.version, self.checksum = -1, ""

@@ -62,17 +62,23 @@ def _assert_recovered(run: DaemonRun, *, role: str, rank: int, cause: str, steps
 
 
 def test_sigkill_trainer_rank_restarts_from_checkpoint(daemon_run: Any) -> None:
-    run = daemon_run(job(steps=10))
+    run = daemon_run(job(steps=60))
     client = run.start()
     run.wait_step(3)
+    # The warm standby of attempt 1 is up (Ray started, actors being built ahead).
+    run.wait("the warm standby", lambda: (run.run_dir / "attempts" / "standby_1" / "ready").exists(), 60)
     trainer = run.wait(
         "trainer 1 report", lambda: [r for r in client.ranks() if r["role"] == "trainer" and r["rank"] == 1]
     )[0]
     os.kill(trainer["pid"], signal.SIGKILL)  # the fault, from outside, as an OOM killer would
     run.wait_state("SUCCEEDED", "FAILED")
-    _assert_recovered(run, role="trainer", rank=1, cause="process died", steps=10)
+    _assert_recovered(run, role="trainer", rank=1, cause="process died", steps=60)
     failed = run.events("attempt_failed")[0]
     assert failed["data"]["cause"] == "actor_died" and failed["data"]["role"] == "trainer"
+    launched = [e for e in run.events("attempt_launched") if e["attempt"] == 1]
+    assert launched and launched[0]["data"]["warm"], "attempt 1 did not start from the warm standby"
+    started = [e for e in run.events("attempt_started") if e["attempt"] == 1]
+    assert started[0]["data"]["built_ahead"] == 3  # 2 trainer ranks + 1 rollout worker, built ahead
 
 
 def test_killed_rollout_worker_recovers(daemon_run: Any) -> None:
