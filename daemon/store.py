@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,13 @@ class Store:
     def steps(self, *, since: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
         rows = self._all("SELECT record FROM steps WHERE step > ? ORDER BY step LIMIT ?", (since, limit))
         return [json.loads(r["record"]) for r in rows]
+
+    def iter_steps(self, batch: int = 5000) -> Iterator[dict[str, Any]]:
+        """Every step record in step order, read in batches (no limit: runs of millions of steps)."""
+        since = 0
+        while rows := self.steps(since=since, limit=batch):
+            yield from rows
+            since = rows[-1]["step"]
 
     def recent_steps(self, n: int) -> list[dict[str, Any]]:
         """The newest ``n`` step records, oldest first (cheap on long runs: no full scan)."""

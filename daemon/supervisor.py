@@ -33,6 +33,7 @@ from milepost.engine.events import EVENTS_FILE
 from milepost.engine.jobspec import OpsView
 
 from .detect import Diagnosis, HangDetector, StragglerDetector
+from .goodput import GoodputLedger
 from .metrics import RunMetrics
 from .store import Store
 
@@ -102,6 +103,7 @@ class Supervisor:
         self.standby: dict[str, Any] | None = None
         self.hang = HangDetector(ops.detection)
         self.stragglers = StragglerDetector(ops.detection)
+        self.ledger = GoodputLedger.of(store.iter_steps())
         self.faults: list[dict[str, Any]] = []  # injected through the API, delivered in ingest responses
         self._fault_id = int(time.time() * 1000)
         self._reported_hangs: set[tuple[int, str, int]] = set()
@@ -620,6 +622,7 @@ class Supervisor:
                 lost = self.store.offset("lost_progress_ms") + int(1000 * prev[0].get("step_s", 0.0))
                 self.store.set_offset("lost_progress_ms", lost)
             self.store.add_step(rec)
+            self.ledger.add(rec, replaces=prev[0] if prev else None)
             if rec["step"] % 10 == 0 or rec["step"] == self.ops.run.steps:
                 log.info(
                     "step %d/%d  reward %.3f  loss %+.4f  step %.2fs  (attempt %s)",
@@ -818,48 +821,18 @@ class Supervisor:
         }
 
     def goodput(self) -> dict[str, Any]:
-        return compute_goodput(self.store)
+        return compute_goodput(self.store, ledger=self.ledger)
 
 
-def compute_goodput(store: Store, now: float | None = None) -> dict[str, Any]:
-    """Productive time over wall time, and where the rest went."""
+def compute_goodput(
+    store: Store, now: float | None = None, ledger: GoodputLedger | None = None
+) -> dict[str, Any]:
+    """Productive time over wall time, and where the rest went (``ledger``: the daemon's running one)."""
     run = store.run() or {}
-    attempts = store.attempts()
-    steps = store.steps()
     now = now or time.time()
     start = run.get("created_at") or now
     end = now if run.get("state") not in TERMINAL else (run.get("updated_at") or now)
-    wall = max(end - start, 1e-9)
-    stall = sum(s.get("phases", {}).get("checkpoint", 0.0) for s in steps)
-    productive = sum(s.get("step_s", 0.0) for s in steps) - stall
-    lost = store.offset("lost_progress_ms") / 1000.0
-    first_step_start: dict[int, float] = {}
-    last_step_end: dict[int, float] = {}
-    for s in steps:
-        a = s.get("attempt", 0)
-        begin = s.get("ts", 0.0) - s.get("step_s", 0.0)
-        first_step_start[a] = min(first_step_start.get(a, begin), begin)
-        last_step_end[a] = max(last_step_end.get(a, 0.0), s.get("ts", 0.0))
-    startup = recovery = 0.0
-    for i, a in enumerate(attempts):
-        n = a["number"]
-        began = first_step_start.get(n, a.get("ended_at") or end)
-        if i == 0:
-            startup += max(0.0, began - start)
-        else:
-            prev = attempts[i - 1]
-            prev_end = last_step_end.get(prev["number"], prev.get("started_at") or start)
-            recovery += max(0.0, began - prev_end)
-    other = max(0.0, wall - productive - stall - lost - startup - recovery)
-    return {
-        "goodput": max(0.0, min(1.0, productive / wall)),
-        "wall_s": wall,
-        "productive_s": productive,
-        "badput": {
-            "startup_s": startup,
-            "recovery_s": recovery,
-            "lost_progress_s": lost,
-            "checkpoint_stall_s": stall,
-            "other_s": other,
-        },
-    }
+    ledger = ledger or GoodputLedger.of(store.iter_steps())
+    return ledger.summary(
+        created_at=start, end=end, attempts=store.attempts(), lost_s=store.offset("lost_progress_ms") / 1000.0
+    )
