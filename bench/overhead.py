@@ -73,7 +73,9 @@ class CpuMeter:
         self.sids: set[int] = set()
         self.pids: set[int] = set()
         self.samples: list[tuple[float, float]] = []
+        self.by_kind: list[dict[str, float]] = []  # per sample: CPU seconds by kind of process
         self._seen: dict[int, float] = {}
+        self._kind: dict[int, str] = {}
         self._tck = os.sysconf("SC_CLK_TCK")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True)
@@ -91,9 +93,19 @@ class CpuMeter:
             for stat in Path("/proc").glob("[0-9]*/stat"):
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     pid = int(stat.parent.name)
-                    f = stat.read_text().rsplit(")", 1)[1].split()
+                    text = stat.read_text()
+                    f = text.rsplit(")", 1)[1].split()
                     if int(f[3]) in self.sids or pid in self.pids:
                         self._seen[pid] = (int(f[11]) + int(f[12])) / self._tck
+                        if pid not in self._kind:
+                            comm = text[text.index("(") + 1 : text.rindex(")")]
+                            self._kind[pid] = (
+                                "daemon" if pid in self.pids else "driver" if pid in self.sids else comm
+                            )
+            kinds: dict[str, float] = {}
+            for pid, c in self._seen.items():
+                kinds[self._kind[pid]] = kinds.get(self._kind[pid], 0.0) + c
+            self.by_kind.append(kinds)
             self.samples.append((time.time(), sum(self._seen.values())))
 
     def per_step(self, run_dir: Path, warmup: int, steps: int) -> float | None:
@@ -108,6 +120,21 @@ class CpuMeter:
             return before[-1] if before else self.samples[0][1]
 
         return (at(t1) - at(t0)) / max(1, steps - 1 - warmup)
+
+    def per_step_by_kind(self, run_dir: Path, warmup: int, steps: int) -> dict[str, float]:
+        """Like ``per_step``, by kind of process (daemon, driver, ray::TrainerRank, raylet, ...)."""
+        ts = {r["step"]: r["ts"] for r in map(json.loads, (run_dir / "steps.jsonl").read_text().splitlines())}
+        t0, t1 = ts.get(warmup), ts.get(steps - 1)
+        if t0 is None or t1 is None or len(self.samples) < 2:
+            return {}
+
+        def at(t: float) -> dict[str, float]:
+            i = max([j for j, (s, _) in enumerate(self.samples) if s <= t], default=0)
+            return self.by_kind[i]
+
+        a, b = at(t0), at(t1)
+        n = max(1, steps - 1 - warmup)
+        return {k: (v - a.get(k, 0.0)) / n for k, v in b.items()}
 
 
 def _kill_group(pid: int) -> None:
@@ -154,7 +181,6 @@ def _scrape(url: str, stop: threading.Event, counts: dict[str, int], interval_s:
 def run_on(
     job: Path, run_dir: Path, env: dict[str, str], timeout_s: float, meter: CpuMeter, scrape_s: float
 ) -> dict[str, int]:
-    from milepost.daemon.client import DaemonClient
     from milepost.daemon.store import Store
 
     cmd = [sys.executable, "-m", "milepost.daemon.cli", "run", str(job), "--run-dir", str(run_dir)]
@@ -163,26 +189,28 @@ def run_on(
     )
     info = json.loads((run_dir / "daemon.json").read_text())
     meter.pids.add(int(info["pid"]))
-    client = DaemonClient.from_run_dir(run_dir)
     stop, counts = threading.Event(), {"scrapes": 0, "spans": 0}
     scraper = threading.Thread(target=_scrape, args=(info["url"], stop, counts, scrape_s), daemon=True)
     scraper.start()
     deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                meter.sids.update(a["pid"] for a in client.attempts())  # each attempt: a session of its own
-                state = client.status()["state"]
+        # The run's state and attempts straight from its store: the bench's own reads must not
+        # load the daemon whose cost it measures (and the daemon exits once the run is done).
+        store = Store(run_dir)
+        try:
+            while time.monotonic() < deadline:
+                meter.sids.update(a["pid"] for a in store.attempts())  # each attempt: a session of its own
+                state = (store.run() or {}).get("state", "")
                 if state in TERMINAL:
                     if state != "SUCCEEDED":
                         raise SystemExit(f"daemon run {run_dir} ended {state}")
                     break
-            time.sleep(0.5)
-        else:
-            raise SystemExit(f"daemon run {run_dir} did not finish in {timeout_s:.0f}s")
-        store = Store(run_dir)
-        counts["restarts"] = max(0, len(store.attempts()) - 1)
-        store.close()
+                time.sleep(0.5)
+            else:
+                raise SystemExit(f"daemon run {run_dir} did not finish in {timeout_s:.0f}s")
+            counts["restarts"] = max(0, len(store.attempts()) - 1)
+        finally:
+            store.close()
         return counts
     finally:
         stop.set()
@@ -218,6 +246,7 @@ def main() -> None:
     medians: dict[str, list[float]] = {"on": [], "off": []}
     pair_ratios: list[float] = []
     cpu: dict[str, list[float]] = {"on": [], "off": []}
+    by_kind: dict[str, dict[str, list[float]]] = {"on": {}, "off": {}}
     load = [os.getloadavg()[0]]
     extra: dict[str, list[int]] = {"scrapes": [], "spans": [], "restarts": []}
     for i in range(args.repeats):
@@ -238,6 +267,8 @@ def main() -> None:
             meter.stop()
             if (c := meter.per_step(run_dir, args.warmup, args.steps)) is not None:
                 cpu[mode].append(c)
+            for k, v in meter.per_step_by_kind(run_dir, args.warmup, args.steps).items():
+                by_kind[mode].setdefault(k, []).append(v)
             ts = step_times(run_dir, args.warmup, args.steps)
             times[mode] += ts
             medians[mode].append(statistics.median(ts))
@@ -262,6 +293,12 @@ def main() -> None:
         else None,
         "cpu_s_per_step_on": [round(x, 4) for x in cpu["on"]],
         "cpu_s_per_step_off": [round(x, 4) for x in cpu["off"]],
+        "cpu_ms_per_step_by_process": {
+            mode: {
+                k: round(1000 * statistics.median(v), 1) for k, v in sorted(kinds.items()) if max(v) > 5e-4
+            }
+            for mode, kinds in by_kind.items()
+        },
         "step_s_mean_on": round(statistics.fmean(times["on"]), 4),
         "step_s_mean_off": round(statistics.fmean(times["off"]), 4),
         "run_medians_on": [round(x, 4) for x in medians["on"]],

@@ -65,6 +65,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     import uvicorn
     from milepost.engine.configio import ConfigError
     from milepost.engine.jobspec import load_ops_view
+    from milepost.engine.wire import lower_thread_priority
 
     from .api import create_app
     from .auth import load_or_create_token
@@ -126,6 +127,9 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
             server.should_exit = True
 
     threading.Thread(target=supervise, name="milepost-supervisor", daemon=True).start()
+    # The API thread (and the worker threads it starts) yield CPU to training; the supervisor
+    # thread, which launches the attempts, keeps its priority (children inherit a thread's).
+    lower_thread_priority(ops.supervisor.telemetry_nice)
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
     print(
         f"\nmilepost daemon (pid {os.getpid()}) supervising {job}\n"

@@ -111,6 +111,7 @@ class Engine:
             token=token,
             report_interval_s=cfg.supervisor.report_interval_s,
             on_response=self.control.on_response,
+            telemetry_nice=cfg.supervisor.telemetry_nice,
         )
         self.events, self.inst = self.rt.events, self.rt.inst
         self.store = CheckpointStore(cfg.checkpoint_root(self.run_dir), keep_last=cfg.checkpoint.keep_last)

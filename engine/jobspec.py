@@ -107,6 +107,10 @@ class SupervisorConfig:
     standby: bool = True  # keep a warm standby attempt (imports done, Ray up) to cut restart time
     api_host: str = "127.0.0.1"
     api_port: int = 0  # 0: any free port (kept across daemon restarts)
+    # Niceness of the telemetry threads -- the daemon's API (report ingest, OTLP receiver,
+    # /metrics) and each rank's reporter thread: on a node whose CPUs training saturates,
+    # telemetry yields to it instead of preempting a rank in the middle of a collective. 0: off.
+    telemetry_nice: int = 10
 
     def __post_init__(self) -> None:
         for name in ("max_restarts", "no_progress_restarts"):
@@ -127,6 +131,8 @@ class SupervisorConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError(f"backoff_max_s={self.backoff_max_s}: must be >= backoff_initial_s")
+        if not 0 <= self.telemetry_nice <= 19:
+            raise ValueError(f"telemetry_nice={self.telemetry_nice}: must be in [0, 19]")
         if not 0 <= self.api_port <= 65535:
             raise ValueError(f"api_port={self.api_port}: must be in [0, 65535]")
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .instrument import RankInstrument
-from .wire import INGEST_PATH, make_report
+from .wire import INGEST_PATH, lower_thread_priority, make_report
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,14 @@ class Reporter:
         timeout_s: float = 5.0,
         on_response: Callable[[dict[str, Any]], None] | None = None,
         on_tick: Callable[[], None] | None = None,
+        nice: int = 0,
     ) -> None:
         self.url = url.rstrip("/") + INGEST_PATH
         self.token, self.inst, self.attempt = token, inst, attempt
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.on_response = on_response
         self.on_tick = on_tick
+        self.nice = nice  # this thread's niceness over the training threads'
         self.metrics: dict[str, float] = {}
         self.timings: dict[str, float] = {}
         self.gpus: Callable[[], dict[str, Any]] | None = None  # the node's newest NVML snapshot, if sampled
@@ -89,6 +91,7 @@ class Reporter:
             self._buf.append(report)
 
     def _loop(self) -> None:
+        lower_thread_priority(self.nice)
         while not self._stop.is_set():
             self.report_now()
             self._flush()

@@ -33,6 +33,7 @@ class RankRuntime:
         report_interval_s: float = 1.0,
         on_response: Any = None,
         start: bool = True,
+        telemetry_nice: int = 0,
     ) -> None:
         self.events = EventSink(run_dir, attempt=attempt, role=role, rank=None if role == "driver" else rank)
         self.inst = RankInstrument(role, rank)
@@ -46,6 +47,7 @@ class RankRuntime:
         self._seen_faults: set[int] = set()
         self._user_on_response = on_response
         self._daemon_url, self._token, self._interval_s = daemon_url, token, report_interval_s
+        self._nice = telemetry_nice
         self.reporter: Reporter | None = None
         self.telemetry: RankTelemetry | None = None
         if start:
@@ -68,6 +70,7 @@ class RankRuntime:
                 interval_s=self._interval_s,
                 on_response=self._on_response,
                 on_tick=self._on_tick,
+                nice=self._nice,
             ).start()
         self.telemetry = RankTelemetry(
             role=self.role,
@@ -105,6 +108,7 @@ class RankRuntime:
             report_interval_s=cfg.supervisor.report_interval_s,
             on_response=on_response,
             start=start,
+            telemetry_nice=cfg.supervisor.telemetry_nice,
         )
 
     def _on_response(self, resp: dict[str, Any]) -> None:
@@ -150,14 +154,17 @@ class RankRuntime:
     def publish(
         self, *, timings: dict[str, float] | None = None, metrics: dict[str, float] | None = None
     ) -> None:
-        """Records the last step's figures and queues a report now (never blocks)."""
+        """Records the last step's figures; the reporter's next heartbeat carries them (never blocks).
+
+        No report per step: per-step figures that must not be missed travel as histories
+        (compute per step, collective counters) in every report.
+        """
         if self.reporter is None:
             return
         if timings is not None:
             self.reporter.timings = timings
         if metrics is not None:
             self.reporter.metrics = metrics
-        self.reporter.report_now()
 
     def close(self) -> None:
         if self.telemetry is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -75,3 +76,18 @@ def make_report(
         "metrics": dict(metrics or {}),
         "counters": dict(counters or {}),
     }
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raises the calling thread's niceness by ``nice`` (Linux threads are scheduled one by one).
+
+    Threads it creates afterwards inherit it. Best effort: elsewhere, or where it is refused,
+    nothing changes.
+    """
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):
+        pass

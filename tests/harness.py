@@ -33,6 +33,17 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} to TOML")
 
 
+def job_doc(base: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """``base`` with ``sections`` merged in: a table updates its section, anything else replaces it."""
+    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            doc.setdefault(k, {}).update(v)
+        else:
+            doc[k] = v
+    return doc
+
+
 def write_job(path: Path, doc: dict[str, Any]) -> Path:
     lines: list[str] = []
     for section, table in doc.items():

@@ -72,3 +72,39 @@ def make_backend(name: str) -> TrainBackend:
 
         return MegatronBackend()
     raise ValueError(f"trainer.backend={name!r}: no such train backend")
+
+
+class StepStats:
+    """A rank's sums over its minibatches, all-reduced (``totals``) into the step's global figures.
+
+    ``policy_loss`` with the global token count makes each data-parallel rank's ``loss`` its
+    share of the minibatch's global mean: the shares add up to it, whatever the world size.
+    The other stats are per-rank means, weighted by the rank's tokens.
+    """
+
+    def __init__(self) -> None:
+        self.totals = torch.zeros(5, dtype=torch.float64)  # loss shares, clipped, kl, tokens, grad norm
+
+    def add(self, stats: dict[str, float], *, local_tokens: int, grad_norm: float, dp: int) -> None:
+        self.totals += torch.tensor(
+            [
+                stats["loss"],
+                stats["clip_frac"] * local_tokens,
+                stats["kl"] * local_tokens,
+                local_tokens,
+                grad_norm / dp,  # the same on every rank: the reduced sum is the norm
+            ],
+            dtype=torch.float64,
+        )
+
+    def result(self, minibatches: int) -> dict[str, float]:
+        """After the all-reduce of ``totals``: the step's means over its minibatches."""
+        t = self.totals
+        tokens = max(t[3].item(), 1.0)
+        return {
+            "loss": t[0].item() / minibatches,
+            "clip_frac": t[1].item() / tokens,
+            "kl": t[2].item() / tokens,
+            "grad_norm": t[4].item() / minibatches,
+            "train_tokens": t[3].item(),
+        }

@@ -23,7 +23,7 @@ from ..grpo import policy_loss, response_logprobs
 from ..model import Policy, build_policy
 from ..task import Task
 from ..weights import state_checksum
-from .base import BackendContext, minibatch_parts
+from .base import BackendContext, StepStats, minibatch_parts
 
 
 class FSDP2Backend:
@@ -69,9 +69,7 @@ class FSDP2Backend:
         with torch.no_grad():
             old_logp = response_logprobs(self.model, prompts[mine], responses[mine])
             ref_logp = response_logprobs(self.ref, prompts[mine], responses[mine]) if self.ref else None
-        totals = torch.zeros(
-            5, dtype=torch.float64
-        )  # loss*tokens, clipped tokens, kl*tokens, tokens, grad_norm
+        sums = StepStats()
         offset = 0
         for local in parts:
             idx = slice(offset, offset + len(local))
@@ -110,27 +108,11 @@ class FSDP2Backend:
                     step=step,
                     skipped_updates=self.skipped_updates,
                 )
-            local_tokens = len(local) * resp_len
-            totals += torch.tensor(
-                [
-                    stats["loss"] * local_tokens,
-                    stats["clip_frac"] * local_tokens,
-                    stats["kl"] * local_tokens,
-                    local_tokens,
-                    float(grad_norm) / self.world_size,
-                ],
-                dtype=torch.float64,
+            sums.add(
+                stats, local_tokens=len(local) * resp_len, grad_norm=float(grad_norm), dp=self.world_size
             )
-        dist.all_reduce(totals)  # recorded by engine.collectives like every torch.distributed call
-        tokens = max(totals[3].item(), 1.0)
-        return {
-            "loss": totals[0].item() / tokens,
-            "clip_frac": totals[1].item() / tokens,
-            "kl": totals[2].item() / tokens,
-            "grad_norm": totals[4].item() / cfg.minibatches,
-            "train_tokens": totals[3].item(),
-            "lr": float(self.optim.param_groups[0]["lr"]),
-        }
+        dist.all_reduce(sums.totals)  # recorded by engine.collectives like every torch.distributed call
+        return {**sums.result(cfg.minibatches), "lr": float(self.optim.param_groups[0]["lr"])}
 
     def export_full_weights(self) -> dict[str, torch.Tensor] | None:
         with self.ctx.inst.collective("all_gather", group="world"):

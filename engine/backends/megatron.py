@@ -39,7 +39,7 @@ from ..model import build_policy
 from ..task import Task
 from ..weights import state_checksum
 from . import megatron_convert as conv
-from .base import BackendContext, minibatch_parts
+from .base import BackendContext, StepStats, minibatch_parts
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -464,9 +464,7 @@ class MegatronBackend:
             else None
         )
         reporter = self.tp_rank == 0 and self.last_stage  # one rank per data shard reports stats
-        totals = torch.zeros(
-            5, dtype=torch.float64
-        )  # loss*tokens, clipped tokens, kl*tokens, tokens, grad_norm
+        sums = StepStats()
         global_tokens = (n // g.minibatches) * resp_len
 
         def loss_fn(mb: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -511,36 +509,17 @@ class MegatronBackend:
                     skipped_updates=self.skipped_updates,
                 )
             if reporter and reports:
-                stats = reports[0]
-                local_tokens = len(local) * resp_len
-                totals += torch.tensor(
-                    [
-                        stats["loss"] * local_tokens,
-                        stats["clip_frac"] * local_tokens,
-                        stats["kl"] * local_tokens,
-                        local_tokens,
-                        grad_norm / self.dp,
-                    ],
-                    dtype=torch.float64,
-                )
+                sums.add(reports[0], local_tokens=len(local) * resp_len, grad_norm=grad_norm, dp=self.dp)
         with self.ctx.inst.collective(
-            "all_reduce", group="world", nbytes=totals.numel() * 8, dtype="float64"
+            "all_reduce", group="world", nbytes=sums.totals.numel() * 8, dtype="float64"
         ):
             if self.cuda:
-                t = totals.to(dev)
+                t = sums.totals.to(dev)
                 dist.all_reduce(t)
-                totals = t.cpu()
+                sums.totals = t.cpu()
             else:
-                dist.all_reduce(totals)
-        tokens = max(totals[3].item(), 1.0)
-        return {
-            "loss": totals[0].item() / tokens,
-            "clip_frac": totals[1].item() / tokens,
-            "kl": totals[2].item() / tokens,
-            "grad_norm": totals[4].item() / g.minibatches,
-            "train_tokens": totals[3].item(),
-            "lr": self.optim.lr(),
-        }
+                dist.all_reduce(sums.totals)
+        return {**sums.result(g.minibatches), "lr": self.optim.lr()}
 
     # -- weights and state ------------------------------------------------------
     def export_full_weights(self) -> dict[str, torch.Tensor] | None:

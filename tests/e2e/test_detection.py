@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DaemonRun
+from tests.harness import DaemonRun, job_doc
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,7 @@ def job(steps: int = 400, **sections: Any) -> dict[str, Any]:
         "checkpoint": {"interval": 5, "keep_last": 3},
         "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 1.0},
     }
-    for k, v in sections.items():
-        if isinstance(v, dict):
-            doc.setdefault(k, {}).update(v)
-        else:
-            doc[k] = v
-    return doc
+    return job_doc(doc, **sections)
 
 
 @pytest.fixture

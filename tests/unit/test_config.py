@@ -33,6 +33,7 @@ def test_default_job_loads() -> None:
         ({"optimizer": {"lr": 1.0}}, "optimizer={'lr': 1.0}: unknown section"),
         ({"model": {"max_seq_len": 4}}, "model.max_seq_len=4"),
         ({"grpo": {"minibatches": 3}}, "grpo.minibatches=3"),
+        ({"supervisor": {"telemetry_nice": 25}}, "supervisor.telemetry_nice=25"),
     ],
 )
 def test_bad_values_name_key_and_value(doc: dict, needle: str) -> None:
@@ -61,3 +62,23 @@ def test_bad_file_names_the_file(tmp_path: Path) -> None:
         load_job(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_job(tmp_path / "missing.toml")
+
+
+def test_telemetry_threads_lower_only_their_own_priority() -> None:
+    import os
+    import threading
+
+    from milepost.engine.wire import lower_thread_priority
+
+    seen: dict[str, int] = {}
+
+    def background() -> None:
+        lower_thread_priority(5)
+        seen["reporter"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    assert seen["reporter"] == min(19, main + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # training threads keep theirs

@@ -247,3 +247,25 @@ def test_short_grpo_run_improves_reward() -> None:
         curve.append(float(rewards.mean()))
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last > first + 0.2, curve
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_reported_loss_does_not_depend_on_the_data_parallel_size(world: int) -> None:
+    from milepost.engine.backends.base import StepStats
+
+    g = torch.Generator().manual_seed(5)
+    new, old = torch.randn(12, 6, generator=g), torch.randn(12, 6, generator=g)
+    adv = torch.randn(12, generator=g)
+
+    def step_loss(ranks: int) -> float:
+        shards = [StepStats() for _ in range(ranks)]
+        for mb in (slice(0, 6), slice(6, 12)):  # two minibatches, each split over the ranks
+            idx = torch.arange(12)[mb].chunk(ranks)
+            for r, part in enumerate(idx):
+                _, stats = policy_loss(new[part], old[part], adv[part], clip_eps=0.2, token_count=6 * 6)
+                shards[r].add(stats, local_tokens=len(part) * 6, grad_norm=1.0, dp=ranks)
+        total = StepStats()
+        total.totals = sum((s.totals for s in shards), torch.zeros(5, dtype=torch.float64))  # all-reduce
+        return total.result(2)["loss"]
+
+    assert step_loss(world) == pytest.approx(step_loss(1), rel=1e-6)
