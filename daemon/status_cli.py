@@ -55,7 +55,16 @@ def _progress_line(step: Any, target: Any) -> str:
 def _event_lines(events: Sequence[dict[str, Any]]) -> list[str]:
     if not events:
         return ["events: none"]
-    rows = [(_clock(e.get("ts")), e.get("severity"), e.get("kind"), e.get("message")) for e in events]
+    # One line an event: a cause quoted from Ray or a traceback stays in the API and events.jsonl.
+    rows = [
+        (
+            _clock(e.get("ts")),
+            e.get("severity"),
+            e.get("kind"),
+            (str(e.get("message") or "").splitlines() or [""])[0],
+        )
+        for e in events
+    ]
     return [f"last {len(events)} events:", *table(("time", "severity", "kind", "message"), rows)]
 
 

@@ -350,7 +350,8 @@ def test_client_from_run_dir_reads_but_never_creates_token(tmp_path: Path, url: 
 # -- milepost status ------------------------------------------------------------
 def test_format_status_names_state_step_goodput_and_ranks(url: str, http: httpx.Client, store: Store) -> None:
     for i in (5, 6):
-        store.add_event({"kind": "note", "severity": "warning", "message": f"event {i}", "attempt": 1})
+        msg = f"event {i}" + ("\n\tclass_name: TrainerRank (a cause quoted from Ray)" if i == 6 else "")
+        store.add_event({"kind": "note", "severity": "warning", "message": msg, "attempt": 1})
     http.post("/api/v1/ingest", json={"reports": [report(), report(role="rollout", rank=0)]}, headers=AUTH)
     with DaemonClient(url) as c:
         text = format_status(c)
@@ -361,6 +362,7 @@ def test_format_status_names_state_step_goodput_and_ranks(url: str, http: httpx.
     assert "trainer" in text and "rollout" in text and "node-a" in text and "4242" in text
     assert "last 5 events" in text and "event 6" in text and "warning" in text
     assert "event 1" not in text and "event 2" in text
+    assert "class_name" not in text  # one line an event
     assert "checkpoint: step 2 (committed)" in text
 
 
