@@ -103,6 +103,15 @@ class HangDetector:
             oldest = min(float(reports[k].get("ts", now)) for k in frozen)
             if now - oldest < 3 * self.cfg.stale_heartbeat_s:
                 return None
+        quiet = [
+            k
+            for k in missing
+            if k not in stale and now - float(reports[k].get("ts", now)) > self.cfg.stale_heartbeat_s / 2
+        ]
+        if quiet and not frozen:
+            # A rank that has not reported for a while may be frozen (its peer entered the
+            # collective early) or merely slow to report: decide once it reports or goes stale.
+            return None
         where = f"{op} (group {group}, seq {seq})"
         if frozen:
             kind, culprits = "frozen_rank", frozen

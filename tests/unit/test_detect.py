@@ -55,6 +55,15 @@ def test_frozen_rank_is_named() -> None:
     assert "trainer 1 frozen" in d.message and "trainer 1 train@10" in d.message
 
 
+def test_a_quiet_rank_is_not_called_compute_stuck_before_it_is_known_frozen() -> None:
+    # Rank 0 was already waiting when rank 1 froze: the collective passes its threshold
+    # before rank 1's silence reaches the stale window.
+    reports = {("trainer", 0): rep(entered=8, open_seq=8), ("trainer", 1): rep(entered=7, ts=NOW - 3.0)}
+    assert detector().check(reports, NOW) is None
+    d = detector().check(reports, NOW + 1.5)  # silent 4.5 s: frozen
+    assert d is not None and d.kind == "frozen_rank" and d.culprits == [("trainer", 1)]
+
+
 def test_skipped_collective_is_a_desync() -> None:
     reports = {
         ("trainer", 0): rep(entered=8, open_seq=8, op="all_reduce"),
