@@ -432,8 +432,6 @@ class Supervisor:
             self.store.set_run_state("RUNNING")
         if self.sup.standby and self.standby is None and self.last_step_ts > self.attempt_started:
             self._spawn_standby()
-        if self.attempt_outcome.get("failed") is not None:
-            return  # the attempt said why it failed and is exiting; its silent ranks are not a hang
         if self.ops.detection.enabled:
             self._check_stragglers()
             diag = self._check_hang()

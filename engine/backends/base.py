@@ -74,6 +74,17 @@ def make_backend(name: str) -> TrainBackend:
     raise ValueError(f"trainer.backend={name!r}: no such train backend")
 
 
+def note_skipped_update(ctx: BackendContext, step: int, grad_norm: float, skipped: int) -> None:
+    """A non-finite gradient norm (the same on every rank): the update was skipped everywhere."""
+    ctx.events.emit(
+        "nonfinite_gradients",
+        f"step {step}: gradient norm {grad_norm}; update skipped on every rank",
+        severity="error",
+        step=step,
+        skipped_updates=skipped,
+    )
+
+
 class StepStats:
     """A rank's sums over its minibatches, all-reduced (``totals``) into the step's global figures.
 

@@ -23,7 +23,7 @@ from ..grpo import policy_loss, response_logprobs
 from ..model import Policy, build_policy
 from ..task import Task
 from ..weights import state_checksum
-from .base import BackendContext, StepStats, minibatch_parts
+from .base import BackendContext, StepStats, minibatch_parts, note_skipped_update
 
 
 class FSDP2Backend:
@@ -101,13 +101,7 @@ class FSDP2Backend:
             else:
                 self.optim.zero_grad(set_to_none=True)
                 self.skipped_updates += 1
-                self.ctx.events.emit(
-                    "nonfinite_gradients",
-                    f"step {step}: gradient norm {float(grad_norm)}; update skipped on every rank",
-                    severity="error",
-                    step=step,
-                    skipped_updates=self.skipped_updates,
-                )
+                note_skipped_update(self.ctx, step, float(grad_norm), self.skipped_updates)
             sums.add(
                 stats, local_tokens=len(local) * resp_len, grad_norm=float(grad_norm), dp=self.world_size
             )

@@ -39,7 +39,7 @@ from ..model import build_policy
 from ..task import Task
 from ..weights import state_checksum
 from . import megatron_convert as conv
-from .base import BackendContext, StepStats, minibatch_parts
+from .base import BackendContext, StepStats, minibatch_parts, note_skipped_update
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -501,13 +501,7 @@ class MegatronBackend:
             grad_norm = self.optim.step()
             if not math.isfinite(grad_norm):
                 self.skipped_updates += 1
-                self.ctx.events.emit(
-                    "nonfinite_gradients",
-                    f"step {step}: gradient norm {grad_norm}; update skipped on every rank",
-                    severity="error",
-                    step=step,
-                    skipped_updates=self.skipped_updates,
-                )
+                note_skipped_update(self.ctx, step, grad_norm, self.skipped_updates)
             if reporter and reports:
                 sums.add(reports[0], local_tokens=len(local) * resp_len, grad_norm=grad_norm, dp=self.dp)
         with self.ctx.inst.collective(
