@@ -113,7 +113,13 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     app = create_app(
         store, sup, token=token, require_token_for_reads=host not in LOOPBACK, telemetry=telemetry
     )
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    # Ranks keep one connection each for reports (every second) and one for spans (every 5 s):
+    # uvicorn's 5 s idle limit would close the latter between exports.
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=30
+        )
+    )
 
     info = {"url": url, "port": port, "pid": os.getpid(), "started_at": time.time(), "job": sup.job}
     tmp = run_dir / (DAEMON_FILE + ".tmp")

@@ -116,9 +116,11 @@ def install_routes(
     read_deps: list[Any],
     read_errors: dict[int | str, dict[str, Any]],
     write_errors: dict[int | str, dict[str, Any]],
+    worker: Any,
     api: str = "/api/v1",
 ) -> None:
-    from .api import json_safe
+    """``worker``: the API's HotWorker, which runs the OTLP decoding off the event loop."""
+    from .api import json_safe, read_body
 
     @app.get(
         "/metrics",
@@ -144,17 +146,10 @@ def install_routes(
         tags=["telemetry"],
     )
     async def otlp_traces(request: Request) -> Response:
-        from starlette.concurrency import run_in_threadpool
-
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_PAYLOAD:
-            raise HTTPException(413, f"body over {MAX_PAYLOAD} bytes")
-        body = await request.body()
-        if len(body) > MAX_PAYLOAD:
-            raise HTTPException(413, f"body over {MAX_PAYLOAD} bytes")
+        body = await read_body(request, MAX_PAYLOAD)
         ctype = request.headers.get("content-type", PROTOBUF)
         try:
-            await run_in_threadpool(
+            await worker.run(
                 telemetry.traces.ingest, body, ctype, request.headers.get("content-encoding", "")
             )
         except PayloadError as e:
