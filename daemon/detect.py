@@ -105,12 +105,13 @@ class HangDetector:
                 return None
         quiet = [
             k
-            for k in missing
+            for k in members
             if k not in stale and now - float(reports[k].get("ts", now)) > self.cfg.stale_heartbeat_s / 2
         ]
         if quiet and not frozen:
             # A rank that has not reported for a while may be frozen (its peer entered the
-            # collective early) or merely slow to report: decide once it reports or goes stale.
+            # collective early, or it froze inside the collective after its last report) or
+            # merely slow to report: decide once it reports or goes stale.
             return None
         where = f"{op} (group {group}, seq {seq})"
         if frozen:

@@ -127,14 +127,16 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     os.replace(tmp, run_dir / DAEMON_FILE)
 
     def supervise() -> None:
+        # Its ticks (tailing, detection) yield to training too; attempts are forked at full
+        # priority by the supervisor's launcher thread.
+        lower_thread_priority(ops.supervisor.telemetry_nice)
         sup.start()
         sup.loop()
         if exit_when_done:
             server.should_exit = True
 
     threading.Thread(target=supervise, name="milepost-supervisor", daemon=True).start()
-    # The API thread (and the worker threads it starts) yield CPU to training; the supervisor
-    # thread, which launches the attempts, keeps its priority (children inherit a thread's).
+    # The API thread (and the worker threads it starts) yield CPU to training.
     lower_thread_priority(ops.supervisor.telemetry_nice)
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
     print(

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,11 @@ class Supervisor:
         self.faults: list[dict[str, Any]] = []  # injected through the API, delivered in ingest responses
         self._fault_id = int(time.time() * 1000)
         self._reported_hangs: set[tuple[int, str, int]] = set()
+        # A child inherits the niceness of the thread that forks it, and the supervisor's own
+        # thread may run at the telemetry niceness (daemon.main): attempts are forked by this
+        # thread instead, made here, at the priority of the thread that builds the supervisor.
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milepost-launcher")
+        self._launcher.submit(lambda: None).result()
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -163,6 +169,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._launcher.shutdown(wait=False)
 
     def event(self, kind: str, message: str, severity: str = "info", **data: Any) -> None:
         attempt = data.pop("attempt", self.attempt_no if self.attempt_no >= 0 else None)
@@ -217,9 +224,17 @@ class Supervisor:
         env.setdefault("RAY_AUTH_MODE", "disabled")
         with (logs / f"attempt_{n}.log").open("ab") as out:
             # A session of its own: the attempt outlives the daemon (separate failure domains).
-            return subprocess.Popen(
+            return self.popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=os.getcwd()
             )
+
+    def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen`` from the launcher thread: the child gets the supervisor's own
+        priority, whatever the niceness of the calling thread."""
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(cmd, **kwargs)
+
+        return self._launcher.submit(start).result()
 
     def _spawn_standby(self) -> None:
         """Starts the next attempt as a warm standby (imports done, Ray up), waiting for its go file."""

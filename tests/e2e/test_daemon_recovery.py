@@ -57,7 +57,8 @@ def _assert_recovered(run: DaemonRun, *, role: str, rank: int, cause: str, steps
 
 
 def test_sigkill_trainer_rank_restarts_from_checkpoint(daemon_run: Any) -> None:
-    run = daemon_run(job(steps=60))
+    # Long enough that the kill lands mid-run: the standby needs ~10 s, a step here ~0.2 s.
+    run = daemon_run(job(steps=150))
     client = run.start()
     run.wait_step(3)
     # The warm standby of attempt 1 is up (Ray started, actors being built ahead).
@@ -67,7 +68,7 @@ def test_sigkill_trainer_rank_restarts_from_checkpoint(daemon_run: Any) -> None:
     )[0]
     os.kill(trainer["pid"], signal.SIGKILL)  # the fault, from outside, as an OOM killer would
     run.wait_state("SUCCEEDED", "FAILED")
-    _assert_recovered(run, role="trainer", rank=1, cause="process died", steps=60)
+    _assert_recovered(run, role="trainer", rank=1, cause="process died", steps=150)
     failed = run.events("attempt_failed")[0]
     assert failed["data"]["cause"] == "actor_died" and failed["data"]["role"] == "trainer"
     launched = [e for e in run.events("attempt_launched") if e["attempt"] == 1]

@@ -64,6 +64,19 @@ def test_a_quiet_rank_is_not_called_compute_stuck_before_it_is_known_frozen() ->
     assert d is not None and d.kind == "frozen_rank" and d.culprits == [("trainer", 1)]
 
 
+def test_a_rank_frozen_inside_the_collective_is_not_called_collective_stuck() -> None:
+    # Rank 1 reported after entering seq 8, then froze: both ranks are "in" the collective,
+    # and it passes its threshold before rank 1's silence reaches the stale window.
+    reports = {
+        ("trainer", 0): rep(entered=8, open_seq=8, enter_ts=NOW - 4.1),
+        ("trainer", 1): rep(entered=8, open_seq=8, enter_ts=NOW - 4.0, ts=NOW - 3.5),
+    }
+    assert detector().check(reports, NOW) is None
+    d = detector().check(reports, NOW + 1.0)  # silent 4.5 s: frozen, inside seq 8
+    assert d is not None and d.kind == "frozen_rank" and d.culprits == [("trainer", 1)]
+    assert (d.group, d.seq) == ("world", 8) and d.waiting == [("trainer", 0)]
+
+
 def test_skipped_collective_is_a_desync() -> None:
     reports = {
         ("trainer", 0): rep(entered=8, open_seq=8, op="all_reduce"),
