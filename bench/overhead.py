@@ -403,7 +403,12 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "minutes": round((time.monotonic() - t0) / 60, 2),
     }
+    # A restart or a hang verdict in the on run would compare different work: not a figure.
+    out["valid"] = restarts == 0 and diagnoses == 0
     print(json.dumps(out))
+    if not out["valid"]:
+        log(f"the on run restarted {restarts} times with {diagnoses} diagnoses: the ratio is not valid")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

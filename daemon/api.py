@@ -207,7 +207,8 @@ BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEAR
 
 
 def _auth_dependency(token: str) -> Any:
-    def require_token(creds: BearerCredentials) -> None:
+    # async: a plain def dependency would cost every request a thread-pool hop.
+    async def require_token(creds: BearerCredentials) -> None:
         if creds is None or not tokens_equal(creds.credentials, token):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 

@@ -33,6 +33,13 @@ def loopback_env() -> dict[str, str]:
     return dict(_LOOPBACK_ENV)
 
 
+# Ray starts its workers -- here the trainer ranks and rollout workers -- at niceness 15 (its
+# ``worker_niceness``), below every ordinary process on the node: the driver, the daemon, a
+# shell's job. A local cluster runs them at 0 like the driver; telemetry threads run at
+# ``supervisor.telemetry_nice`` below them. Set RAY_worker_niceness to choose otherwise.
+_LOCAL_CLUSTER_ENV = {"RAY_worker_niceness": "0"}
+
+
 def ensure_ray(cfg: RayConfig, *, needed_cpus: int) -> bool:
     """Connects to (or starts) Ray; returns True when this call started it."""
     for k, v in _LOOPBACK_ENV.items():
@@ -42,6 +49,8 @@ def ensure_ray(cfg: RayConfig, *, needed_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     if cfg.address == "local":
+        for k, v in _LOCAL_CLUSTER_ENV.items():
+            os.environ.setdefault(k, v)
         ray.init(
             address="local",
             num_cpus=max(cfg.num_cpus, needed_cpus),
