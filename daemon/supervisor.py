@@ -231,6 +231,7 @@ class Supervisor:
     def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """``subprocess.Popen`` from the launcher thread: the child gets the supervisor's own
         priority, whatever the niceness of the calling thread."""
+
         def start() -> subprocess.Popen[bytes]:
             return subprocess.Popen(cmd, **kwargs)
 
