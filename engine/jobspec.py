@@ -108,10 +108,9 @@ class SupervisorConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 0  # 0: any free port (kept across daemon restarts)
     # Niceness of the telemetry threads -- the daemon's API (report ingest, OTLP receiver,
-    # /metrics) and each rank's reporter thread: on a node whose CPUs training saturates,
-    # telemetry yields to it instead of preempting a rank in the middle of a collective (its
-    # peers then wait too). bench/overhead.py on 2 cores: step time on/off 1.05 at 10, 1.01 at 19.
-    # 0: off.
+    # /metrics), its supervisor ticks and each rank's reporter thread: on a node whose CPUs
+    # training saturates, telemetry yields to it instead of preempting a rank in the middle of a
+    # collective (its peers then wait too). Attempts are still started at full priority. 0: off.
     telemetry_nice: int = 19
 
     def __post_init__(self) -> None:
