@@ -55,7 +55,6 @@ from typing import Any
 from milepost.engine.cluster import loopback_env
 
 REPO = Path(__file__).resolve().parent.parent
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 MARGIN_S = 0.005  # signal delivery: a step must start this long after a thaw and end before a freeze
 
 
