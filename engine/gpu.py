@@ -109,6 +109,11 @@ class GpuCollector:
         """The newest snapshot without sampling (a fresh one if there is none yet)."""
         return self._last if self._last is not None else self.sample()
 
+    @property
+    def events_running(self) -> bool:
+        """Whether the XID event thread is alive (False where NVML has no events for any GPU)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
