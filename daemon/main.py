@@ -148,10 +148,29 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         f"  events   {run_dir / 'events.jsonl'}\n",
         flush=True,
     )
-    server.run()
-    sup.shutdown()
-    telemetry.close()
-    return 0
+    interrupted = False
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn shuts down on the first Ctrl-C, then re-raises it
+        interrupted = True
+    finally:
+        sup.shutdown()
+        telemetry.close()
+    if not interrupted:
+        return 0
+    from .supervisor import pid_alive
+
+    pid = sup.attempt_pid
+    if pid is not None and pid_alive(pid):
+        print(
+            f"\nmilepost: daemon stopped; attempt {sup.attempt_no} (pid {pid}) keeps training.\n"
+            f"  re-attach  .venv/bin/milepost run {job} --run-dir {run_dir}\n"
+            f"  or end it  kill -TERM -{os.getpgid(pid)}   (its process group)",
+            flush=True,
+        )
+    else:
+        print("\nmilepost: daemon stopped; no attempt is running.", flush=True)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,6 +136,42 @@ def test_daemon_sigkill_reattaches_without_losing_reports(daemon_run: Any) -> No
     assert client.status()["reports_lost"] == 0
 
 
+def test_ctrl_c_stops_the_daemon_cleanly_and_training_goes_on(daemon_run: Any) -> None:
+    import json
+    import subprocess
+
+    from tests.harness import MILEPOST
+
+    run = daemon_run(job(steps=400))
+    cmd = [*MILEPOST, "run", str(run.job), "--run-dir", str(run.run_dir)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        run.wait("the daemon to write daemon.json", lambda: (run.run_dir / "daemon.json").exists(), 60)
+        run.daemon_pids.append(int(json.loads((run.run_dir / "daemon.json").read_text())["pid"]))
+        run.wait_step(2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    store = run.store()
+    (attempt,) = store.attempts()
+    store.close()
+    assert f"attempt 0 (pid {attempt['pid']}) keeps training" in out, out
+    assert f"--run-dir {run.run_dir}" in out
+    steps_file = run.run_dir / "steps.jsonl"
+    before = len(steps_file.read_text().splitlines())
+    run.wait(
+        "training to go on without the daemon",
+        lambda: len(steps_file.read_text().splitlines()) >= before + 3,
+        60,
+    )
+
+
 def test_control_api_pause_resume_checkpoint_stop(daemon_run: Any) -> None:
     import time
 
