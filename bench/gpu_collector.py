@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(GpuMetrics(local=collector))
         text = generate_latest(registry)
-        openmetrics = generate_openmetrics(registry).decode()
+        if args.print_metrics:
+            sys.stderr.write(generate_openmetrics(registry).decode())
     finally:
         stop.set()
         if loader is not None:
@@ -157,19 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         xid_thread = collector.events_running
         collector.close()
 
-    if args.print_metrics:
-        sys.stderr.write(openmetrics)
     devices = last["devices"]
     smi_problems = compare_with_smi(devices, smi) if smi is not None else []
     problems = list(smi_problems)
     promtool = promtool_check(text)
     if not promtool.startswith(("ok", "skipped")):
         problems.append(f"promtool: {promtool}")
-    if cuda and not collector_was_up(samples):
+    if cuda and not any(s["up"] for s in samples):
         problems.append(f"torch sees {cuda} CUDA device(s), the collector is down: {last['reason']}")
-    if not last["up"] and "milepost_gpu_collector_up{" not in openmetrics:
+    exposition = text.decode()
+    if not last["up"] and "milepost_gpu_collector_up{" not in exposition:
         problems.append("the exposition lacks milepost_gpu_collector_up")
-    if not last["up"] and "milepost_gpu_power_watts{" in openmetrics:
+    if not last["up"] and "milepost_gpu_power_watts{" in exposition:
         problems.append("a down collector exported per-GPU series")
 
     def series(key: str) -> list[float]:
@@ -203,10 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result), flush=True)
     return 0 if not problems else 1
-
-
-def collector_was_up(samples: list[dict[str, Any]]) -> bool:
-    return any(s["up"] for s in samples)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         print(
             f"\nmilepost: daemon stopped; attempt {sup.attempt_no} (pid {pid}) keeps training.\n"
             f"  re-attach  .venv/bin/milepost run {job} --run-dir {run_dir}\n"
-            f"  or end it  kill -TERM -{os.getpgid(pid)}   (its process group)",
+            f"  or end it  kill -TERM -{pid}   (its process group: attempts lead their own)",
             flush=True,
         )
     else:

@@ -146,6 +146,12 @@ class DaemonRun:
             f"events {[(e['kind'], e['message'][:120]) for e in self.events()][-15:]}"
         )
 
+    def wait_steps_written(self, more: int, what: str, timeout: float = 60.0) -> None:
+        """Waits for ``more`` steps past those in steps.jsonl now: the driver writes them, daemon or not."""
+        steps_file = self.run_dir / "steps.jsonl"
+        before = len(steps_file.read_text().splitlines())
+        self.wait(what, lambda: len(steps_file.read_text().splitlines()) >= before + more, timeout)
+
     def wait_state(self, *states: str, timeout: float = 240.0) -> dict[str, Any]:
         return self.wait(f"state in {states}", lambda: (s := self.status())["state"] in states and s, timeout)
 

@@ -115,13 +115,7 @@ def test_daemon_sigkill_reattaches_without_losing_reports(daemon_run: Any) -> No
     run.start()
     run.wait_step(3)
     run.kill_daemon()
-    steps_file = run.run_dir / "steps.jsonl"
-    before = len(steps_file.read_text().splitlines())
-    run.wait(
-        "training to go on without the daemon",
-        lambda: len(steps_file.read_text().splitlines()) >= before + 3,
-        60,
-    )
+    run.wait_steps_written(3, "training to go on without the daemon")
     client = run.start()
     (reattached,) = run.wait("re-attach", lambda: run.events("daemon_reattached"), 30)
     assert reattached["attempt"] == 0
@@ -163,13 +157,7 @@ def test_ctrl_c_stops_the_daemon_cleanly_and_training_goes_on(daemon_run: Any) -
     store.close()
     assert f"attempt 0 (pid {attempt['pid']}) keeps training" in out, out
     assert f"--run-dir {run.run_dir}" in out
-    steps_file = run.run_dir / "steps.jsonl"
-    before = len(steps_file.read_text().splitlines())
-    run.wait(
-        "training to go on without the daemon",
-        lambda: len(steps_file.read_text().splitlines()) >= before + 3,
-        60,
-    )
+    run.wait_steps_written(3, "training to go on without the daemon")
 
 
 def test_control_api_pause_resume_checkpoint_stop(daemon_run: Any) -> None:
