@@ -28,6 +28,7 @@ run: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # layering: pyproject.toml [tool.importlinter]
 
 typecheck: venv
 	$(BIN)/mypy engine daemon dashboard alerts bench
