@@ -22,6 +22,7 @@ minus the earliest rank's) is reported alongside.
 from __future__ import annotations
 
 import statistics
+import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,7 +205,19 @@ class StragglerFlag:
 
 
 class StragglerDetector:
-    """Windows of ``window_steps`` steps; a rank is flagged after ``windows`` consecutive bad windows."""
+    """Windows of ``window_steps`` steps; a rank is flagged after ``windows`` consecutive bad windows
+    that also span ``MIN_PERSIST_S`` of the daemon's clock.
+
+    Noise is brief and hits ranks at random; a straggler is slower in nearly every step and stays
+    so. A window counts against a rank only when (1) its median per-step ratio to the step's
+    median rank is over the threshold, (2) it is also slower than its own past, and (3) it was
+    slower than the step's median in at least ``CONSISTENCY`` of the window's steps. Thread-safe:
+    reports are added from the API's thread while the supervisor evaluates.
+    """
+
+    CONSISTENCY = 0.8  # share of a window's steps in which the rank must be slower than the median
+    MIN_PERSIST_S = 12.0  # a burst of interference shorter than this is not a straggler
+    KEEP_STEPS = 64  # per-rank history kept when no window can form (one rank, detection idle)
 
     def __init__(self, cfg: DetectionConfig) -> None:
         self.cfg = cfg
@@ -212,55 +225,90 @@ class StragglerDetector:
         self.arrivals: dict[tuple[str, int], dict[int, float]] = {}  # (group, seq) -> rank -> enter ts
         self.baseline: dict[int, float] = {}
         self.streak: dict[int, int] = defaultdict(int)
+        self.streak_since: dict[int, float] = {}  # rank -> daemon time its current streak began
         self.flagged: set[int] = set()
         self.scores: dict[int, float] = {}
         self.lateness: dict[int, float] = {}
         self.next_window_start: int | None = None
+        self._lock = threading.Lock()
 
     def add_report(self, rank: int, rep: Report) -> None:
-        for step, seconds in rep.get("compute_hist") or []:
-            self.compute[rank][int(step)] = float(seconds)
-        for group, seq, _op, enter_ts, _dur in rep.get("recent_collectives") or []:
-            self.arrivals.setdefault((group, int(seq)), {})[rank] = float(enter_ts)
+        with self._lock:
+            for step, seconds in rep.get("compute_hist") or []:
+                self.compute[rank][int(step)] = float(seconds)
+            for group, seq, _op, enter_ts, _dur in rep.get("recent_collectives") or []:
+                self.arrivals.setdefault((group, int(seq)), {})[rank] = float(enter_ts)
+            self._bound()
 
     def add_matrix(self, first_step: int, compute: np.ndarray) -> None:
         """Bulk input (steps x ranks), for simulations at thousands of ranks."""
-        for j in range(compute.shape[1]):
-            d = self.compute[j]
-            for i in range(compute.shape[0]):
-                d[first_step + i] = float(compute[i, j])
+        with self._lock:
+            for j in range(compute.shape[1]):
+                d = self.compute[j]
+                for i in range(compute.shape[0]):
+                    d[first_step + i] = float(compute[i, j])
 
-    def evaluate(self) -> list[StragglerFlag]:
-        """Consumes every complete window; returns ranks newly flagged."""
+    def _bound(self) -> None:
+        for d in self.compute.values():
+            if len(d) > self.KEEP_STEPS:
+                for s in sorted(d)[: len(d) - self.KEEP_STEPS]:
+                    del d[s]
+        if len(self.arrivals) > 4096:
+            for k in list(self.arrivals)[:-1024]:
+                del self.arrivals[k]
+
+    def evaluate(self, now: float | None = None) -> list[StragglerFlag]:
+        """Consumes every complete window; returns ranks newly flagged.
+
+        ``now`` is the daemon's clock; None (simulations fed in bulk) skips the persistence in seconds.
+        """
+        with self._lock:
+            return self._evaluate(now)
+
+    def _evaluate(self, now: float | None) -> list[StragglerFlag]:
         ranks = sorted(self.compute)
         if len(ranks) < 2:
             return []
         common = set.intersection(*(set(self.compute[r]) for r in ranks))
         if not common:
             return []
-        if self.next_window_start is None:
+        if self.next_window_start is None or self.next_window_start < min(common):
+            # The first window, or history pruned past the window start: resume at what is common.
             self.next_window_start = min(common)
         w = self.cfg.straggler_window_steps
         new: list[StragglerFlag] = []
         while all(s in common for s in range(self.next_window_start, self.next_window_start + w)):
             steps = range(self.next_window_start, self.next_window_start + w)
             m = np.array([[self.compute[r][s] for s in steps] for r in ranks])  # ranks x steps
+            # Per step, the lower median rank (works for 2 ranks) is the yardstick.
+            ref_steps = np.maximum(np.sort(m, axis=0)[(len(ranks) - 1) // 2], 1e-9)
+            ratios = m / ref_steps  # ranks x steps
+            rel = np.median(ratios, axis=1)
             per_rank = np.median(m, axis=1)
-            ref = float(np.sort(per_rank)[(len(per_rank) - 1) // 2])  # the lower median: works for 2 ranks
-            rel = per_rank / max(ref, 1e-9)
+            ref = float(np.median(ref_steps))
+            slower_share = np.mean(ratios > 1.0 + (self.cfg.straggler_threshold - 1.0) / 2, axis=1)
             self._lateness(ranks)
-            for r, score, own in zip(ranks, rel, per_rank, strict=True):
+            for r, score, own, share in zip(ranks, rel, per_rank, slower_share, strict=True):
                 base = self.baseline.setdefault(r, float(own))
                 self.scores[r] = float(score)
                 # Slower than the median rank AND than its own past: a rank that has always been a
                 # little slower (placement, a shared core) is not a straggler, one that became slow is.
                 own_margin = 1.0 + (self.cfg.straggler_threshold - 1.0) / 2
-                if score > self.cfg.straggler_threshold and float(own) / max(base, 1e-9) > own_margin:
+                bad = (
+                    score > self.cfg.straggler_threshold
+                    and float(own) / max(base, 1e-9) > own_margin
+                    and share >= self.CONSISTENCY
+                )
+                if bad:
                     self.streak[r] += 1
+                    if now is not None:
+                        self.streak_since.setdefault(r, now)
                 else:
                     self.streak[r] = 0
+                    self.streak_since.pop(r, None)
                     self.baseline[r] = 0.8 * base + 0.2 * float(own)
-                if self.streak[r] >= self.cfg.straggler_windows and r not in self.flagged:
+                lasted = now is None or now - self.streak_since.get(r, now) >= self.MIN_PERSIST_S
+                if self.streak[r] >= self.cfg.straggler_windows and lasted and r not in self.flagged:
                     self.flagged.add(r)
                     indiv = float(own) / max(base, 1e-9)
                     late = self.lateness.get(r, 0.0)
@@ -292,6 +340,3 @@ class StragglerDetector:
             for r, t in v.items():
                 late[r].append(t - first)
         self.lateness = {r: float(np.mean(v)) for r, v in late.items()}
-        if len(self.arrivals) > 4096:
-            for k in list(self.arrivals)[:-1024]:
-                del self.arrivals[k]

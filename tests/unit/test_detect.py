@@ -178,3 +178,39 @@ def test_all_ranks_silent_is_not_blamed_on_them_at_once() -> None:
     gone = {k: {**v, "ts": NOW - 20.0} for k, v in starved.items()}
     d = detector().check(gone, NOW)
     assert d is not None and d.kind == "frozen_rank" and len(d.culprits) == 2
+
+
+def test_a_rank_slow_in_only_some_steps_is_not_a_straggler() -> None:
+    # Interference hits a rank in bursts: very slow in 2 steps of every 5, normal otherwise.
+    compute = np.full((60, 2), 0.1)
+    for s in range(0, 60, 5):
+        compute[s : s + 2, 1] = 0.3
+    assert _feed(StragglerDetector(DetectionConfig()), compute) == []
+
+
+def test_bursts_alternating_ranks_are_not_stragglers() -> None:
+    rng = np.random.default_rng(1)
+    compute = 0.1 * rng.lognormal(0, 0.05, size=(200, 2))
+    for k, s in enumerate(range(10, 200, 30)):  # 10-step bursts of a 1.5x hog, alternating ranks
+        compute[s : s + 10, k % 2] *= 1.5
+    det = StragglerDetector(DetectionConfig())
+    flags = []
+    for i in range(0, 200, 5):  # a window's steps arrive every 0.5 s of daemon time
+        det.add_matrix(1 + i, compute[i : i + 5])
+        flags += det.evaluate(now=1000.0 + 0.1 * i)
+    assert flags == []
+
+
+def test_a_straggler_is_flagged_once_it_has_lasted() -> None:
+    compute = np.full((200, 2), 0.1)
+    compute[20:, 0] = 0.125  # 1.25x from step 20 on
+    det = StragglerDetector(DetectionConfig())
+    flagged_at = None
+    for i in range(0, 200, 5):
+        t = 1000.0 + 0.3 * i  # 0.3 s a step
+        det.add_matrix(1 + i, compute[i : i + 5])
+        if det.evaluate(now=t) and flagged_at is None:
+            flagged_at = t
+    assert flagged_at is not None
+    onset = 1000.0 + 0.3 * 20
+    assert StragglerDetector.MIN_PERSIST_S <= flagged_at - onset <= 30.0
