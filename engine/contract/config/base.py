@@ -35,6 +35,9 @@ class _SectionError(ConfigError):
         super().__init__(str(config_error(e, model, prefix)))
         self.errors, self.model = e.errors(include_url=False), model
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str]]:
+        return ConfigError, (str(self),)  # pickles (across Ray) as the plain error it reads as
+
 
 class Section(BaseModel):
     """One ``[section]`` of the job file; constructing it directly raises :class:`ConfigError` too."""
@@ -108,7 +111,7 @@ def _one(err: Any, root: type[BaseModel], prefix: tuple[int | str, ...]) -> str:
         if len(loc) == 1:
             known = ", ".join(root.model_fields)
             return f"{where}={value!r}: unknown section; known sections: {known}"
-        model = _model_at(root, loc[len(prefix) : -1]) if prefix else _model_at(root, loc[:-1])
+        model = _model_at(root, loc[len(prefix) : -1])
         known = ", ".join(sorted(model.model_fields)) if model else "?"
         return f"{where}={value!r}: unknown key; known keys of [{_path(loc[:-1])}]: {known}"
     if kind == "missing":
