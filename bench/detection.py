@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from _daemon import daemon, log, wait_for
 from milepost.daemon.detect import HangDetector, StragglerDetector
-from milepost.engine.jobspec import DetectionConfig
+from milepost.engine.contract.config import DetectionConfig
 
 EXPECTED = {"hang": "frozen_rank", "skip-collective": "desync", "stall": "compute_stuck"}
 BENCH_JOB: dict[str, dict[str, Any]] = {

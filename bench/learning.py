@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None, help="default: a fresh temporary directory")
     args = ap.parse_args()
 
-    from milepost.engine.config import load_job
+    from milepost.engine.contract.config import load_job
     from milepost.engine.driver import Engine, StepResult
 
     cfg = load_job(args.job)

@@ -60,7 +60,7 @@ def main() -> None:
         return
 
     import torch
-    from milepost.engine.config import load_job
+    from milepost.engine.contract.config import load_job
     from milepost.engine.driver import Engine, StepResult
     from milepost.engine.events import read_events
 

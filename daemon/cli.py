@@ -5,6 +5,7 @@ milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-wh
     running attempt when the run dir already has one).
 milepost status [--run-dir DIR]      a readable summary of a run
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
+milepost schema                      the job file's JSON Schema
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from milepost.engine.configio import ConfigError
-from milepost.engine.jobspec import load_ops_view
+from milepost.engine.contract.config import ConfigError, load_ops_view
 
 
 def _run_dir(job: str | None, given: str | None) -> Path:
@@ -32,7 +32,7 @@ def _run_dir(job: str | None, given: str | None) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from milepost.engine.config import load_job  # full validation (imports torch) before the daemon starts
+    from milepost.engine.contract.config import load_job  # full validation before the daemon starts
 
     from .main import DAEMON_FILE, daemon_running
 
@@ -113,6 +113,14 @@ def _cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    """Prints the job file's JSON Schema (the same text as engine/contract/config/job.schema.json)."""
+    from milepost.engine.contract.config import job_schema_text
+
+    sys.stdout.write(job_schema_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="milepost", description="milepost: keep RL post-training runs alive and visible"
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--step", type=int, default=0, help="fire at this step or later (default: the next step)")
     i.add_argument("--run-dir", default=None)
     i.set_defaults(func=_cmd_inject)
+    sub.add_parser("schema", help="print the job file's JSON Schema").set_defaults(func=_cmd_schema)
     sub.add_parser(
         "engine", help="run the engine alone (one attempt); see milepost engine -h", add_help=False
     )

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from milepost.engine.jobspec import DetectionConfig
+from milepost.engine.contract.config import DetectionConfig
 
 Report = dict[str, Any]
 

@@ -63,8 +63,7 @@ def daemon_running(run_dir: Path) -> dict[str, object] | None:
 
 def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool) -> int:
     import uvicorn
-    from milepost.engine.configio import ConfigError
-    from milepost.engine.jobspec import load_ops_view
+    from milepost.engine.contract.config import ConfigError, load_ops_view
     from milepost.engine.wire import lower_thread_priority
 
     from .api import create_app

@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from milepost.engine.contract.config import OpsView
 from milepost.engine.events import EVENTS_FILE
-from milepost.engine.jobspec import OpsView
 
 from .detect import Diagnosis, HangDetector, StragglerDetector
 from .goodput import GoodputLedger
@@ -765,7 +765,7 @@ class Supervisor:
 
     def inject(self, fault: dict[str, Any]) -> dict[str, Any]:
         """Queues a fault for a rank of the running attempt (``milepost inject``)."""
-        from milepost.engine.jobspec import FaultSpec
+        from milepost.engine.contract.config import FaultSpec
 
         with self._lock:
             if self.attempt_pid is None:

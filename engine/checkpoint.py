@@ -32,20 +32,6 @@ FORMAT_VERSION = 1
 _PREFIX = "step_"
 
 
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    interval: int = 10  # steps between saves; 0 disables periodic saves
-    keep_last: int = 3  # committed checkpoints kept (older ones are pruned)
-    async_save: bool = True  # DCP async_save: training continues while shards are written
-    dir: str = ""  # default: <run_dir>/checkpoints
-
-    def __post_init__(self) -> None:
-        if self.interval < 0:
-            raise ValueError(f"interval={self.interval}: must be >= 0")
-        if self.keep_last < 1:
-            raise ValueError(f"keep_last={self.keep_last}: must be >= 1")
-
-
 class CheckpointError(RuntimeError):
     pass
 

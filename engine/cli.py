@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_job
+from .contract.config import ConfigError, load_job
 
 EXIT_RESUME_MISMATCH = 3  # the loaded state does not match its manifest: restarting cannot help
 EXIT_NO_SLOTS = 4  # fewer free trainer slots than trainer.min_world_size
@@ -29,7 +29,7 @@ def _engine(args: argparse.Namespace) -> int:
 
     cfg = load_job(args.job)
     if args.ray_address:
-        cfg.ray.address = args.ray_address
+        cfg = cfg.replace("ray", address=args.ray_address)  # frozen: a validated copy
     run_dir = cfg.run_dir(args.run_dir)
     if args.standby_dir:
         _standby(cfg, Path(args.standby_dir), args, run_dir)

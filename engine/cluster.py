@@ -8,25 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+
+from .contract.config import RayConfig
 
 _LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
 }
-
-
-@dataclass(kw_only=True)
-class RayConfig:
-    address: str = "local"  # "local" starts a loopback cluster; else e.g. "127.0.0.1:6379" or "ray://..."
-    num_cpus: int = 0  # logical CPUs of a local cluster; 0: exactly what the job's actors need
-
-    def __post_init__(self) -> None:
-        if not self.address:
-            raise ValueError(f"address={self.address!r}: must be 'local' or a Ray cluster address")
-        if self.num_cpus < 0:
-            raise ValueError(f"num_cpus={self.num_cpus}: must be >= 0")
 
 
 def loopback_env() -> dict[str, str]:

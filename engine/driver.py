@@ -27,7 +27,7 @@ import torch
 from . import tracing
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
-from .config import JobConfig
+from .contract.config import JobConfig
 from .grpo import group_advantages
 from .rollout import WeightSyncError, rollout_worker_class
 from .runtime import RankRuntime

@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from .contract.config import FaultSpec
 from .events import EventSink
-from .jobspec import FaultSpec
 
 
 class InjectedFault(RuntimeError):

@@ -2,47 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .contract.config import GRPOConfig as GRPOConfig  # its home was here; importers keep working
 from .model import Policy
-
-
-@dataclass(kw_only=True)
-class GRPOConfig:
-    group_size: int = 8
-    prompts_per_step: int = 64
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    lr: float = 2e-3
-    minibatches: int = 2
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"grpo.{name}={getattr(self, name)!r}: {why}")
-
-        for name in ("group_size", "prompts_per_step", "minibatches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "must be a positive integer")
-        if self.group_size < 2:
-            raise bad("group_size", "must be >= 2 (advantages are relative within a group)")
-        if (self.prompts_per_step * self.group_size) % self.minibatches != 0:
-            raise bad(
-                "minibatches",
-                f"must divide prompts_per_step*group_size={self.prompts_per_step * self.group_size}",
-            )
-        for name in ("clip_eps", "lr", "max_grad_norm", "temperature"):
-            if not float(getattr(self, name)) > 0.0:
-                raise bad(name, "must be > 0")
-        if not float(self.kl_coef) >= 0.0:
-            raise bad("kl_coef", "must be >= 0")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

@@ -15,22 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 256
-    max_seq_len: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name}={value!r}: must be a positive integer")
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"model.n_heads={self.n_heads}: must divide model.d_model={self.d_model}")
+from .contract.config import ModelConfig
 
 
 @dataclass

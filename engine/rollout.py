@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .config import JobConfig
+from .contract.config import JobConfig
 from .generate import generate
 from .model import build_policy
 from .runtime import RankRuntime, RuntimeActor

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .contract.config import FaultSpec
 from .events import EventSink
 from .faults import FaultInjector
 from .instrument import RankInstrument
-from .jobspec import FaultSpec
 from .reporter import Reporter
 from .telemetry import RankTelemetry
 

@@ -14,9 +14,10 @@ Tasks:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+
+from .contract.config import TaskConfig
 
 _DIGIT_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -28,36 +29,13 @@ _TARGETS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 TASK_NAMES = tuple(sorted(_TARGETS))
 
 
-@dataclass(kw_only=True)
-class TaskConfig:
-    name: str = "reverse"
-    num_digits: int = 4
-    base: int = 10
-
-    def __post_init__(self) -> None:
-        if self.name not in _TARGETS:
-            raise ValueError(f"task.name={self.name!r}: must be one of {list(TASK_NAMES)}")
-        if (
-            isinstance(self.num_digits, bool)
-            or not isinstance(self.num_digits, int)
-            or not 1 <= self.num_digits <= 16
-        ):
-            raise ValueError(f"task.num_digits={self.num_digits!r}: must be an integer in [1, 16]")
-        if (
-            isinstance(self.base, bool)
-            or not isinstance(self.base, int)
-            or not 2 <= self.base <= len(_DIGIT_CHARS)
-        ):
-            raise ValueError(f"task.base={self.base!r}: must be an integer in [2, {len(_DIGIT_CHARS)}]")
-
-
 class Task:
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
         self.sep_token = cfg.base
         self.vocab_size = cfg.base + 1
-        self.prompt_len = cfg.num_digits + 1
-        self.response_len = cfg.num_digits
+        self.prompt_len = cfg.prompt_len
+        self.response_len = cfg.response_len
         self._target_fn = _TARGETS[cfg.name]
 
     def prompts(self, seed: int, step: int, n: int) -> torch.Tensor:

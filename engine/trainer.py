@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from . import collectives
 from .backends.base import BackendContext, TrainBackend, make_backend
 from .checkpoint import CheckpointStore
-from .config import JobConfig
+from .contract.config import JobConfig
 from .runtime import RankRuntime, RuntimeActor
 from .weights import state_checksum
 

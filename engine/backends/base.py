@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from ..config import JobConfig
+    from ..contract.config import JobConfig
     from ..events import EventSink
     from ..instrument import RankInstrument
 

@@ -47,14 +47,13 @@ from typing import Any, Protocol
 import httpx
 import torch
 
-from ..config import JobConfig
+from ..contract.config import JobConfig, SGLangConfig
 from ..events import EventSink
 from ..rollout import StaleWeightsError, WeightSyncError
 from ..runtime import RankRuntime, RuntimeActor
 from ..task import Task
 from ..weights import state_checksum
 from .megatron_convert import hf_llama_config
-from .sglang_config import SGLangConfig
 
 
 class SGLangError(RuntimeError):

@@ -43,7 +43,7 @@ schema = schemathesis.openapi.from_dict(_openapi())
 
 def _real_supervisor(store: Store, run_dir: Path) -> Any:
     from milepost.daemon.supervisor import Supervisor
-    from milepost.engine.jobspec import OpsView
+    from milepost.engine.contract.config import OpsView
 
     return Supervisor(
         job="job.toml", run_dir=run_dir, ops=OpsView(), store=store, token=TOKEN, api_url="http://x"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from milepost.engine.config import job_from_dict
+from milepost.engine.contract.config import job_from_dict
 from milepost.engine.driver import ActorFailure, Engine, RunResult
 from milepost.engine.events import read_events
 

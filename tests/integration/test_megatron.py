@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from milepost.engine.config import job_from_dict
+from milepost.engine.contract.config import job_from_dict
 from milepost.engine.driver import Engine
 from milepost.engine.events import read_events
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from milepost.engine.config import job_from_dict
+from milepost.engine.contract.config import job_from_dict
 from milepost.engine.driver import Engine
 from milepost.engine.events import read_events
 from milepost.engine.task import Task

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from milepost.daemon.detect import HangDetector, StragglerDetector
-from milepost.engine.jobspec import DetectionConfig
+from milepost.engine.contract.config import DetectionConfig
 
 NOW = 1000.0
 

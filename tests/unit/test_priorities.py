@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from milepost.daemon.store import Store
 from milepost.daemon.supervisor import Supervisor
-from milepost.engine.jobspec import OpsView
+from milepost.engine.contract.config import OpsView
 from milepost.engine.wire import lower_thread_priority
 
 pytestmark = pytest.mark.timeout(30)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from milepost.engine.config import job_from_dict
+from milepost.engine.contract.config import job_from_dict
 from milepost.engine.events import read_events
 from milepost.engine.model import build_policy
 from milepost.engine.rollout import StaleWeightsError, TorchRolloutWorker, WeightSyncError

@@ -22,7 +22,7 @@ from milepost.engine.backends.sglang_rollout import (
     SGLangError,
     SGLangRolloutWorker,
 )
-from milepost.engine.config import ConfigError, job_from_dict
+from milepost.engine.contract.config import ConfigError, job_from_dict
 from milepost.engine.events import read_events
 from milepost.engine.rollout import StaleWeightsError, WeightSyncError
 from milepost.engine.task import Task
