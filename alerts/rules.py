@@ -1,0 +1,521 @@
+"""The alert rules: observations in, conditions out, with the clock passed in.
+
+The daemon feeds `Observations` with events (`observe_event`), step records
+(`observe_step`), rank reports (`observe_report`) and the run dir's disk
+(`observe_disk`); `evaluate(obs, now, cfg)` returns every condition true now. Nothing
+here sends, sleeps or reads a clock; `Observations` is plain data the daemon persists.
+
+Event-made alerts are *latched*: the event opens them and a later event closes them
+(`LATCHES` names which), or they close `event_hold_s` after the last event when nothing
+does (a straggler streak, a daemon restart). The rest are computed from state:
+
+- RestartLoop: >= restart_loop_count `restart_scheduled` in restart_loop_window_s.
+- NoProgress: the running attempt took no step for no_progress_s (or `progress_stalled`).
+- CheckpointStale: no committed checkpoint for checkpoint_stale_factor x interval.
+- WorkerDown: a rank of the running attempt reports `failed`/`dead`, or nothing for worker_down_s.
+- NonFiniteLoss / LossSpike (robust z of the newest loss over a window) / RewardCollapse
+  (reward_std ~ 0 over a window, or its mean fell below reward_drop_ratio of the window before)
+  / ThroughputDrop (tokens/s of a window below throughput_drop_ratio of the one before).
+- DiskLow, GpuOverheat, GpuXid, GpuEccUncorrected (new errors in gpu_error_hold_s).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from milepost.alerts.config import AlertsConfig, RulesConfig
+from milepost.alerts.model import Condition, fingerprint
+from milepost.engine.contract.enums import Severity
+from pydantic import BaseModel, ConfigDict, Field
+
+Event = dict[str, Any]
+
+
+class Latched(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alertname: str
+    labels: dict[str, str]
+    ts: float
+    attempt: int
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class GpuSeen(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    node: str
+    index: int
+    role: str = ""
+    rank: str = ""
+    temperature_c: float | None = None
+    xid: dict[str, int] = Field(default_factory=dict)
+    ecc: dict[str, int] = Field(default_factory=dict)
+    xid_new_at: float | None = None
+    xid_new: list[str] = Field(default_factory=list)
+    ecc_new_at: float | None = None
+
+
+class Observations(BaseModel):
+    """What the rules know about one run; JSON-serialisable for the daemon's store."""
+
+    model_config = ConfigDict(extra="forbid")
+    run: str
+    attempt: int = 0
+    attempt_running: bool = False
+    attempt_started_at: float | None = None
+    run_terminal: bool = False
+    daemon_starts: int = 0
+    latched: dict[str, Latched] = Field(default_factory=dict)
+    restarts: list[float] = Field(default_factory=list)
+    last_step_ts: float | None = None
+    steps: list[dict[str, float]] = Field(default_factory=list)
+    last_checkpoint_ts: float | None = None
+    ranks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    gpus: dict[str, GpuSeen] = Field(default_factory=dict)
+    disk: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LatchSpec:
+    alertname: str
+    severity: Severity
+    labels: tuple[str, ...]  # from the event: attempt/role/rank, or data keys group/op
+    resolved_by: frozenset[str]
+    hold: bool = False  # resolves event_hold_s after the last event when nothing resolves it
+
+
+_NEXT_ATTEMPT = frozenset({"attempt_started", "run_succeeded", "run_stopped"})
+LATCHES: dict[str, LatchSpec] = {
+    "collective_hang": LatchSpec(
+        "CollectiveHang", Severity.CRITICAL, ("attempt", "group", "op"), _NEXT_ATTEMPT
+    ),
+    "straggler": LatchSpec(
+        "Straggler", Severity.WARNING, ("attempt", "role", "rank"), _NEXT_ATTEMPT, hold=True
+    ),
+    "heartbeat_lost": LatchSpec("HeartbeatLost", Severity.ERROR, ("attempt", "role", "rank"), _NEXT_ATTEMPT),
+    "progress_stalled": LatchSpec("NoProgress", Severity.ERROR, ("attempt",), _NEXT_ATTEMPT | {"step"}),
+    "attempt_ended": LatchSpec("AttemptFailed", Severity.ERROR, ("attempt",), _NEXT_ATTEMPT),
+    "run_failed": LatchSpec("RunFailed", Severity.CRITICAL, (), _NEXT_ATTEMPT),
+    "resume_verification_failed": LatchSpec(
+        "ResumeMismatch", Severity.ERROR, ("attempt",), _NEXT_ATTEMPT | {"checkpoint_committed"}
+    ),
+    "checkpoint_failed": LatchSpec(
+        "CheckpointFailed",
+        Severity.WARNING,
+        (),
+        frozenset({"checkpoint_committed", "run_succeeded", "run_stopped"}),
+    ),
+    "daemon_reattached": LatchSpec("DaemonRestarted", Severity.WARNING, (), frozenset(), hold=True),
+}
+_TERMINAL = {"run_failed", "run_succeeded", "run_stopped"}
+
+
+def _s(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def observe_event(obs: Observations, ev: Event) -> None:
+    """Fold one store event into the observations (events arrive in id order)."""
+    kind, ts = ev.get("kind", ""), float(ev.get("ts", 0.0))
+    data = ev.get("data") or {}
+    for key, latch in list(obs.latched.items()):
+        spec = next(s for s in LATCHES.values() if s.alertname == latch.alertname)
+        if kind in spec.resolved_by and ts >= latch.ts:
+            del obs.latched[key]
+    if kind == "attempt_started":
+        obs.attempt = int(ev.get("attempt") or obs.attempt + 1)
+        obs.attempt_running, obs.attempt_started_at, obs.run_terminal = True, ts, False
+        obs.ranks.clear()
+    elif kind == "attempt_ended":
+        obs.attempt_running = False
+    elif kind in _TERMINAL:
+        obs.run_terminal, obs.attempt_running = True, False
+    elif kind == "restart_scheduled":
+        obs.restarts.append(ts)
+    elif kind == "checkpoint_committed":
+        obs.last_checkpoint_ts = ts
+    elif kind == "daemon_started":
+        obs.daemon_starts += 1
+        if obs.daemon_starts > 1:
+            kind = "daemon_reattached"
+    if kind == "attempt_ended" and ev.get("severity") not in ("error", "critical"):
+        return
+    opened = LATCHES.get(kind)
+    if opened is None:
+        return
+    labels = {"run": obs.run}
+    for name in opened.labels:
+        value = data[name] if data.get(name) is not None else ev.get(name)
+        if value is not None and value != "":
+            labels[name] = _s(value)
+    latch = Latched(
+        alertname=opened.alertname,
+        labels=labels,
+        ts=ts,
+        attempt=int(ev.get("attempt") or obs.attempt),
+        message=str(ev.get("message", "")),
+        data=dict(data),
+    )
+    obs.latched[f"{opened.alertname}:{fingerprint(labels)}"] = latch
+
+
+def observe_step(obs: Observations, rec: dict[str, Any], keep: int) -> None:
+    """Fold one step record (engine/driver.py's keys) into a window of the last `keep` steps."""
+    ts = float(rec.get("ts", 0.0))
+    obs.last_step_ts = max(obs.last_step_ts or ts, ts)
+    for key, latch in list(obs.latched.items()):
+        if latch.alertname == "NoProgress" and ts >= latch.ts:
+            del obs.latched[key]
+    step_s = float(rec.get("step_s") or 0.0)
+    tokens = float(rec.get("rollout_tokens") or 0) + float(rec.get("train_tokens") or 0)
+    row = {"step": float(rec.get("step", 0)), "ts": ts, "attempt": float(rec.get("attempt", obs.attempt))}
+    for k in ("loss", "reward_mean", "reward_std", "grad_norm", "kl"):
+        if isinstance(rec.get(k), int | float):
+            row[k] = float(rec[k])
+    if step_s > 0 and tokens > 0:
+        row["tokens_per_s"] = tokens / step_s
+    obs.steps.append(row)
+    del obs.steps[:-keep]
+
+
+def observe_report(obs: Observations, report: dict[str, Any]) -> None:
+    """Fold one rank report (the wire Report as a dict): liveness and the node's GPU snapshot."""
+    role, rank, ts = str(report.get("role", "")), str(report.get("rank", "")), float(report.get("ts", 0.0))
+    obs.ranks[f"{role}/{rank}"] = {
+        "role": role,
+        "rank": rank,
+        "attempt": int(report.get("attempt", 0)),
+        "ts": ts,
+        "state": str(report.get("state", "")),
+        "host": str(report.get("host", "")),
+    }
+    snap = report.get("gpus") or {}
+    node = str(snap.get("node") or report.get("host", ""))
+    for dev in snap.get("devices") or []:
+        key = f"{node}/{dev.get('index', 0)}"
+        seen = obs.gpus.get(key) or GpuSeen(node=node, index=int(dev.get("index", 0)), role=role, rank=rank)
+        seen.temperature_c = dev.get("temperature_celsius")
+        xid = {str(k): int(v) for k, v in (dev.get("xid_errors") or {}).items()}
+        new_xid = [k for k, v in xid.items() if v > seen.xid.get(k, 0)]
+        if new_xid and key in obs.gpus:  # the first sight is a baseline: old errors are not news
+            seen.xid_new_at, seen.xid_new = ts, sorted(new_xid)
+        ecc = {str(k): int(v) for k, v in (dev.get("ecc_errors") or {}).items()}
+        if ecc.get("uncorrected", 0) > seen.ecc.get("uncorrected", 0) and key in obs.gpus:
+            seen.ecc_new_at = ts
+        seen.xid, seen.ecc = xid, ecc
+        obs.gpus[key] = seen
+
+
+def observe_disk(obs: Observations, path: str, free_bytes: int, total_bytes: int) -> None:
+    obs.disk = {"path": path, "free": int(free_bytes), "total": int(total_bytes)}
+
+
+# ----- conditions ------------------------------------------------------------------------------
+
+_ACTIONS = {
+    "CollectiveHang": "Open the incident; read the culprit's stack dump; the supervisor restarts from the last checkpoint.",
+    "Straggler": "Check the rank's GPU (clocks, temperature, XIDs) and node; cordon the node if it repeats.",
+    "HeartbeatLost": "Check the rank's host and process (frozen, OOM-killed, node lost); the supervisor restarts the attempt.",
+    "NoProgress": "Look at the ranks' phases and open collectives; py-spy the ranks if no hang was diagnosed.",
+    "AttemptFailed": "Read the attempt's exit reason and logs; the supervisor restarts within its budget.",
+    "RunFailed": "Read the failure reason; fix the cause and resume with `milepost run --resume`.",
+    "ResumeMismatch": "The resumed state differs from the checkpoint manifest: check the checkpoint and the data position.",
+    "CheckpointFailed": "Check the checkpoint dir's disk and permissions; a resume would lose progress since the last commit.",
+    "DaemonRestarted": "Check why the daemon restarted (its log); the run was reattached.",
+    "RestartLoop": "The run restarts over and over: a persistent fault (bad node, bad checkpoint, code bug); stop and inspect.",
+    "CheckpointStale": "Check that checkpoints are attempted and commit; a failure now loses everything since the last one.",
+    "WorkerDown": "Check the rank's host and process; the supervisor restarts the attempt when it is required.",
+    "NonFiniteLoss": "The loss or gradients are NaN/Inf: lower the learning rate, check the data and the reward; resume from a checkpoint.",
+    "LossSpike": "Inspect the batch at that step and the gradient norm; consider rolling back to a checkpoint.",
+    "RewardCollapse": "Check the reward function and rollouts (truncation, zero-variance groups, KL); consider rolling back.",
+    "ThroughputDrop": "Compare phase times and straggler scores; check GPUs, the network and the rollout engines.",
+    "DiskLow": "Free space in the run dir (old checkpoints, traces) before checkpoints start to fail.",
+    "GpuOverheat": "Check the node's cooling and power; the GPU throttles and may fail.",
+    "GpuXid": "Look the XID up in NVIDIA's table; drain the node if it is a hardware XID (48, 63, 64, 74, 79, 94, 95).",
+    "GpuEccUncorrected": "Uncorrected ECC errors: drain the node and reset or replace the GPU.",
+}
+_VIEWS = {
+    "CollectiveHang": "incidents",
+    "Straggler": "ranks",
+    "HeartbeatLost": "ranks",
+    "WorkerDown": "ranks",
+    "NoProgress": "overview",
+    "CheckpointFailed": "checkpoints",
+    "CheckpointStale": "checkpoints",
+    "ResumeMismatch": "checkpoints",
+    "NonFiniteLoss": "learning_health",
+    "LossSpike": "learning_health",
+    "RewardCollapse": "learning_health",
+    "ThroughputDrop": "overview",
+    "GpuOverheat": "ranks",
+    "GpuXid": "ranks",
+    "GpuEccUncorrected": "ranks",
+    "DaemonRestarted": "events",
+    "RestartLoop": "events",
+    "AttemptFailed": "events",
+    "RunFailed": "events",
+    "DiskLow": "overview",
+}
+FOR_S: dict[str, float] = {"ThroughputDrop": 300.0, "DiskLow": 300.0, "GpuOverheat": 120.0}
+
+
+def _cond(
+    name: str,
+    severity: Severity,
+    labels: dict[str, str],
+    summary: str,
+    evidence: str = "",
+    description: str = "",
+) -> Condition:
+    return Condition(
+        alertname=name,
+        severity=severity,
+        labels=labels,
+        for_s=FOR_S.get(name, 0.0),
+        summary=summary,
+        description=description or summary,
+        evidence=evidence,
+        action=_ACTIONS.get(name, ""),
+        view=_VIEWS.get(name, "overview"),
+    )
+
+
+def _latched_condition(latch: Latched) -> Condition:
+    spec = next(s for s in LATCHES.values() if s.alertname == latch.alertname)
+    d, evidence = latch.data, ""
+    if latch.alertname == "CollectiveHang":
+        culprits = ", ".join(f"{r} {k}" for r, k in d.get("culprit_ranks") or [])
+        evidence = (
+            f"diagnosis {d.get('diagnosis', '?')}; culprit(s) {culprits or 'unknown'}; collective {d.get('op', '?')} "
+            f"seq {d.get('seq', '?')} in group {d.get('group', '?')}; stacks in "
+            f"diagnostics/diagnosis_{d.get('diagnosis_id', '?')}/; detected in {d.get('detection_s', '?')} s"
+        )
+    elif latch.alertname == "Straggler":
+        evidence = f"rank {d.get('rank', '?')} relative score {d.get('relative_score', '?')}"
+    elif latch.alertname == "HeartbeatLost":
+        evidence = f"pid {d.get('pid', '?')}, last phase {d.get('phase', '?')}"
+    return _cond(latch.alertname, spec.severity, latch.labels, latch.message or latch.alertname, evidence)
+
+
+def _robust_z(values: list[float], x: float) -> float:
+    med = statistics.median(values)
+    mad = statistics.median(abs(v - med) for v in values) or 1e-12
+    return (x - med) / (1.4826 * mad)
+
+
+def _step_rules(obs: Observations, r: RulesConfig, base: dict[str, str]) -> list[Condition]:
+    out: list[Condition] = []
+    if not obs.steps:
+        return out
+    last = obs.steps[-1]
+    bad = [k for k in ("loss", "grad_norm", "reward_mean") if k in last and not math.isfinite(last[k])]
+    if bad:
+        vals = ", ".join(f"{k}={last[k]}" for k in bad)
+        out.append(
+            _cond(
+                "NonFiniteLoss",
+                Severity.CRITICAL,
+                base,
+                f"non-finite {vals} at step {int(last['step'])}",
+                f"step record {int(last['step'])} of attempt {int(last['attempt'])}",
+            )
+        )
+    losses = [
+        s["loss"] for s in obs.steps[-r.loss_spike_window - 1 : -1] if math.isfinite(s.get("loss", math.nan))
+    ]
+    if len(losses) >= 5 and math.isfinite(last.get("loss", math.nan)):
+        z = _robust_z(losses, last["loss"])
+        if z > r.loss_spike_factor:
+            out.append(
+                _cond(
+                    "LossSpike",
+                    Severity.WARNING,
+                    base,
+                    f"loss {last['loss']:.4g} at step {int(last['step'])} is {z:.1f} robust sd above the "
+                    f"median {statistics.median(losses):.4g} of the last {len(losses)} steps",
+                )
+            )
+    w = r.reward_window
+    stds = [s["reward_std"] for s in obs.steps[-w:] if "reward_std" in s]
+    if len(stds) >= w and max(abs(v) for v in stds) <= r.reward_std_floor:
+        out.append(
+            _cond(
+                "RewardCollapse",
+                Severity.WARNING,
+                base,
+                f"reward_std <= {r.reward_std_floor:g} for the last {w} steps: every sample scores the same",
+            )
+        )
+    rewards = [s["reward_mean"] for s in obs.steps if math.isfinite(s.get("reward_mean", math.nan))]
+    if len(rewards) >= 2 * w:
+        before, now_ = statistics.fmean(rewards[-2 * w : -w]), statistics.fmean(rewards[-w:])
+        if before > 0 and now_ < r.reward_drop_ratio * before:
+            out.append(
+                _cond(
+                    "RewardCollapse",
+                    Severity.WARNING,
+                    base,
+                    f"mean reward fell from {before:.4g} to {now_:.4g} over the last {w} steps",
+                )
+            )
+    tw = r.throughput_window
+    tps = [s["tokens_per_s"] for s in obs.steps if "tokens_per_s" in s]
+    if len(tps) >= 2 * tw:
+        before, now_ = statistics.median(tps[-2 * tw : -tw]), statistics.median(tps[-tw:])
+        if before > 0 and now_ < r.throughput_drop_ratio * before:
+            out.append(
+                _cond(
+                    "ThroughputDrop",
+                    Severity.WARNING,
+                    base,
+                    f"throughput fell from {before:.4g} to {now_:.4g} tokens/s (median of {tw} steps)",
+                )
+            )
+    return out
+
+
+def _gpu_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, str]) -> list[Condition]:
+    out: list[Condition] = []
+    for g in obs.gpus.values():
+        labels = {**base, "node": g.node, "gpu": str(g.index)}
+        where = f"GPU {g.index} on {g.node} (seen by {g.role} {g.rank})"
+        if g.temperature_c is not None and g.temperature_c >= r.gpu_temperature_c:
+            out.append(
+                _cond(
+                    "GpuOverheat",
+                    Severity.WARNING,
+                    labels,
+                    f"{where} at {g.temperature_c:.0f} C (limit {r.gpu_temperature_c:.0f} C)",
+                )
+            )
+        if g.xid_new_at is not None and now - g.xid_new_at < r.gpu_error_hold_s:
+            out.append(
+                _cond(
+                    "GpuXid",
+                    Severity.ERROR,
+                    labels,
+                    f"{where} reported new XID error(s) {', '.join(g.xid_new)}",
+                    f"counts {g.xid}",
+                )
+            )
+        if g.ecc_new_at is not None and now - g.ecc_new_at < r.gpu_error_hold_s:
+            out.append(
+                _cond(
+                    "GpuEccUncorrected",
+                    Severity.CRITICAL,
+                    labels,
+                    f"{where} reported new uncorrected ECC errors",
+                    f"counts {g.ecc}",
+                )
+            )
+    return out
+
+
+def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, str]) -> list[Condition]:
+    out: list[Condition] = []
+    recent = [t for t in obs.restarts if now - t <= r.restart_loop_window_s]
+    if len(recent) >= r.restart_loop_count:
+        out.append(
+            _cond(
+                "RestartLoop",
+                Severity.CRITICAL,
+                base,
+                f"{len(recent)} restarts in the last {r.restart_loop_window_s / 60:.0f} min "
+                f"(limit {r.restart_loop_count})",
+            )
+        )
+    if obs.disk and obs.disk.get("total"):
+        free, total = obs.disk["free"], obs.disk["total"]
+        if free < r.disk_free_bytes or free / total < r.disk_free_ratio:
+            out.append(
+                _cond(
+                    "DiskLow",
+                    Severity.WARNING,
+                    base,
+                    f"{free / 2**30:.1f} GiB free ({100 * free / total:.1f}%) on the run dir {obs.disk['path']}",
+                )
+            )
+    if not obs.attempt_running or obs.run_terminal or obs.attempt_started_at is None:
+        return out
+    att = {**base, "attempt": str(obs.attempt)}
+    since = max(obs.last_step_ts or 0.0, obs.attempt_started_at)
+    if now - since > r.no_progress_s:
+        out.append(
+            _cond(
+                "NoProgress",
+                Severity.ERROR,
+                att,
+                f"attempt {obs.attempt} took no step for {now - since:.0f} s (limit {r.no_progress_s:.0f} s)",
+            )
+        )
+    ckpt = obs.last_checkpoint_ts or obs.attempt_started_at
+    limit = r.checkpoint_stale_factor * r.checkpoint_interval_s
+    if now - ckpt > limit:
+        out.append(
+            _cond(
+                "CheckpointStale",
+                Severity.WARNING,
+                base,
+                f"no checkpoint committed for {now - ckpt:.0f} s ({r.checkpoint_stale_factor:g} x interval "
+                f"{r.checkpoint_interval_s:.0f} s)",
+            )
+        )
+    for rk in obs.ranks.values():
+        if rk["attempt"] != obs.attempt or rk["state"] == "exited":
+            continue
+        age = now - rk["ts"]
+        if rk["state"] in ("failed", "dead") or age > r.worker_down_s:
+            out.append(
+                _cond(
+                    "WorkerDown",
+                    Severity.ERROR,
+                    {**att, "role": rk["role"], "rank": rk["rank"]},
+                    f"{rk['role']} {rk['rank']} on {rk['host']} is {rk['state'] or 'silent'}; last report "
+                    f"{age:.0f} s ago (limit {r.worker_down_s:.0f} s)",
+                )
+            )
+    return out
+
+
+def _hold_expired(latch: Latched, now: float, r: RulesConfig) -> bool:
+    spec = next(s for s in LATCHES.values() if s.alertname == latch.alertname)
+    return spec.hold and now - latch.ts >= r.event_hold_s
+
+
+RULES: tuple[Callable[[Observations, float, RulesConfig, dict[str, str]], list[Condition]], ...] = (
+    lambda o, n, r, b: _step_rules(o, r, b),
+    _gpu_rules,
+    _state_rules,
+)
+
+
+def evaluate(obs: Observations, now: float, cfg: AlertsConfig) -> list[Condition]:
+    """Every condition true at `now`, one per (alertname, labels); disabled rules left out."""
+    base = {"run": obs.run}
+    out = [_latched_condition(lt) for lt in obs.latched.values() if not _hold_expired(lt, now, cfg.rules)]
+    for rule in RULES:
+        out.extend(rule(obs, now, cfg.rules, base))
+    seen: dict[str, Condition] = {}
+    for c in out:
+        if c.alertname not in cfg.disabled_rules:
+            seen.setdefault(c.fingerprint, c)
+    return list(seen.values())
+
+
+def prune(obs: Observations, now: float, cfg: AlertsConfig) -> None:
+    """Drop what no rule can use any more (old restarts, expired holds), so the state stays small."""
+    obs.restarts = [t for t in obs.restarts if now - t <= cfg.rules.restart_loop_window_s]
+    for key, latch in list(obs.latched.items()):
+        if _hold_expired(latch, now, cfg.rules):
+            del obs.latched[key]
+
+
+def steps_to_keep(r: RulesConfig) -> int:
+    return max(r.loss_spike_window + 1, 2 * r.reward_window, 2 * r.throughput_window)
+
+
+ALERTNAMES = tuple(sorted({*_ACTIONS}))
