@@ -14,6 +14,7 @@ between replays the same notification keys, which the outbox ignores.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -56,8 +57,9 @@ class AlertManager:
         with self._lock:
             return {
                 "v": STATE_VERSION,
-                "observations": self.obs.model_dump(mode="json"),
-                "alerts": self.state.model_dump(mode="json"),
+                # Through JSON, so a NaN loss comes out as "NaN" and the dict is strict JSON.
+                "observations": json.loads(self.obs.model_dump_json()),
+                "alerts": json.loads(self.state.model_dump_json()),
             }
 
     def restore(self, saved: Mapping[str, Any]) -> None:

@@ -62,7 +62,8 @@ class GpuSeen(BaseModel):
 class Observations(BaseModel):
     """What the rules know about one run; JSON-serialisable for the daemon's store."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A diverged loss is NaN; as JSON it must come back as NaN, not null (strict JSON has no NaN).
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
     run: str
     attempt: int = 0
     attempt_running: bool = False

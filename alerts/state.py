@@ -211,7 +211,7 @@ def notifications(state: AlertState, now: float, cfg: AlertsConfig) -> list[Noti
                     group.sent.pop(a.fingerprint, None)
                 else:
                     group.sent[a.fingerprint] = a.status
-        if not group.sent and not members.get(gid):
+        if not group.sent and not firing:
             del state.groups[gid]
     return out
 
