@@ -19,13 +19,13 @@ def cond(name: str = "NoProgress", severity: str = "error", for_s: float = 0.0, 
         alertname=name,
         severity=severity,
         labels={"run": "r1", **labels},
-        for_s=for_s,  # type: ignore[arg-type]
+        for_s=for_s,
         summary=f"{name} now",
         view="overview",
     )
 
 
-def run(state: AlertState, conds: list[Condition], now: float, cfg: AlertsConfig = CFG) -> list:  # type: ignore[type-arg]
+def run(state: AlertState, conds: list[Condition], now: float, cfg: AlertsConfig = CFG) -> list:
     advance(state, conds, now, cfg)
     return notifications(state, now, cfg)
 
@@ -111,13 +111,13 @@ def test_inhibition_run_failed_mutes_attempt_failed_of_same_run() -> None:
         Condition(
             alertname="AttemptFailed", severity="error", labels={"run": "r2", "attempt": "1"}, summary="x"
         ),
-    )  # type: ignore[arg-type]
+    )
     failed = cond("RunFailed", "critical")
     run(st, [att, other, failed], 0)
     sent = run(st, [att, other, failed], 10)
     names = sorted((n.group_labels["run"], n.group_labels["alertname"]) for n in sent)
     assert names == [("r1", "RunFailed"), ("r2", "AttemptFailed")]
-    views = {(v["labels"]["run"], v["labels"]["alertname"]): v for v in alert_views(st, 10, CFG)}  # type: ignore[index]
+    views = {(v["labels"]["run"], v["labels"]["alertname"]): v for v in alert_views(st, 10, CFG)}
     assert views[("r1", "AttemptFailed")]["inhibited_by"] == [failed.fingerprint]
 
 
@@ -196,7 +196,7 @@ def test_config_errors_name_the_field() -> None:
         RouteConfig.model_validate({"receivers": ["log"], "matchers": ["bad matcher"]})
     cfg = AlertsConfig()
     with pytest.raises(ValidationError):
-        cfg.group_wait_s = 1  # type: ignore[misc]  # frozen
+        cfg.group_wait_s = 1  # frozen
 
 
 def test_manager_round_trip_through_json_and_silence_api() -> None:
@@ -240,7 +240,7 @@ def test_manager_round_trip_through_json_and_silence_api() -> None:
     sil = back.add_silence(["alertname=RunFailed"], 12, 1000, "me", "known")
     assert [v["silenced_by"] for v in back.alerts(13) if v["labels"]["alertname"] == "RunFailed"] == [
         [sil.id]
-    ]  # type: ignore[index]
+    ]
     assert back.expire_silence(sil.id, 14) and not back.expire_silence(sil.id, 15)
     with pytest.raises(ValueError, match="ends_at"):
         back.add_silence(["run=r1"], 10, 5)
