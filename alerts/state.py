@@ -100,12 +100,10 @@ def advance(state: AlertState, conditions: list[Condition], now: float, cfg: Ale
         elif alert.status == AlertStatus.FIRING:
             alert.status, alert.resolved_at = AlertStatus.RESOLVED, now
             changed.append(alert)
-        elif (
-            alert.resolved_at is not None
-            and now - alert.resolved_at > cfg.resolved_keep_s
-            and not any(fp in g.sent for g in state.groups.values())
-        ):
+        elif alert.resolved_at is not None and now - alert.resolved_at > cfg.resolved_keep_s:
             del state.alerts[fp]
+            for group in state.groups.values():
+                group.sent.pop(fp, None)
     for sid, sil in list(state.silences.items()):
         if now - sil.ends_at > cfg.resolved_keep_s:
             del state.silences[sid]
@@ -165,8 +163,8 @@ def notifications(state: AlertState, now: float, cfg: AlertsConfig) -> list[Noti
             gid = f"{receiver}|{dumps(glabels)}"
             group = state.groups.get(gid)
             if group is None:
-                if alert.status == AlertStatus.RESOLVED:
-                    continue  # never announced: its resolve is no news
+                # A resolved alert may open a group: one that fired and cleared within group_wait
+                # (a hang restarted in seconds) is still news, sent once as resolved.
                 group = GroupState(
                     receiver=receiver, group_key=dumps(glabels), labels=glabels, first_seen=now
                 )
@@ -178,8 +176,7 @@ def notifications(state: AlertState, now: float, cfg: AlertsConfig) -> list[Noti
         batch = [
             a
             for a in members.get(gid, [])
-            if a.status == AlertStatus.FIRING
-            or (a.status == AlertStatus.RESOLVED and group.sent.get(a.fingerprint) == AlertStatus.FIRING)
+            if a.status == AlertStatus.FIRING or group.sent.get(a.fingerprint) != AlertStatus.RESOLVED
         ]
         changed = [a for a in batch if group.sent.get(a.fingerprint) != a.status]
         firing = [a for a in batch if a.status == AlertStatus.FIRING]
@@ -207,11 +204,8 @@ def notifications(state: AlertState, now: float, cfg: AlertsConfig) -> list[Noti
             )
             group.last_sent = now
             for a in batch:
-                if a.status == AlertStatus.RESOLVED:
-                    group.sent.pop(a.fingerprint, None)
-                else:
-                    group.sent[a.fingerprint] = a.status
-        if not group.sent and not firing:
+                group.sent[a.fingerprint] = a.status  # resolved ones stay until the alert is forgotten
+        if not group.sent and not batch:
             del state.groups[gid]
     return out
 

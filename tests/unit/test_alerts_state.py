@@ -73,7 +73,10 @@ def test_group_wait_gathers_then_interval_then_resolve() -> None:
     assert n2.key != n.key
     (n3,) = run(st, [], 70)
     assert n3.status == "resolved" and [x.labels["rank"] for x in n3.alerts] == ["0"]
-    assert run(st, [], 200) == [] and st.groups == {}
+    assert run(st, [], 200) == [] and len(st.groups) == 1
+    assert (
+        run(st, [], 70 + 3601) == [] and st.groups == {} and st.alerts == {}
+    )  # forgotten after resolved_keep_s
 
 
 def test_repeat_interval_resends_unchanged_firing_group() -> None:
@@ -86,12 +89,14 @@ def test_repeat_interval_resends_unchanged_firing_group() -> None:
     assert again.alerts[0].status == "firing"
 
 
-def test_never_announced_alert_resolves_without_a_notification() -> None:
+def test_alert_that_cleared_within_group_wait_is_sent_once_as_resolved() -> None:
     st = AlertState()
-    c = cond()
+    c = cond("CollectiveHang", "critical")
     run(st, [c], 0)
-    assert run(st, [], 5) == []  # resolved within group_wait: nothing to say
-    assert run(st, [], 50) == []
+    assert run(st, [], 5) == []  # resolved within group_wait: still news once the wait is over
+    (n,) = run(st, [], 10)
+    assert n.status == "resolved" and n.alerts[0].fired_at == 0 and n.alerts[0].resolved_at == 5
+    assert run(st, [], 50) == [] and run(st, [], 5000) == []
 
 
 def test_same_key_after_a_replayed_tick() -> None:
