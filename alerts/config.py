@@ -43,7 +43,6 @@ class RulesConfig(_Frozen):
     gpu_temperature_c: PosFloat = 90.0
     gpu_error_hold_s: PosFloat = 900.0  # an XID/ECC alert stays this long after the last new error
     event_hold_s: PosFloat = 900.0  # an event-made alert with no resolving event resolves after this
-    pending_s: Annotated[float, Field(ge=0)] = 0.0  # extra `for` added to every warning rule
 
 
 class RouteConfig(_Frozen):

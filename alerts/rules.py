@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from milepost.alerts.catalog import condition
 from milepost.alerts.config import AlertsConfig, RulesConfig
 from milepost.alerts.model import Condition, fingerprint
-from milepost.engine.contract.enums import Severity
 from pydantic import BaseModel, ConfigDict, Field
 
 Event = dict[str, Any]
@@ -83,7 +83,6 @@ class Observations(BaseModel):
 @dataclass(frozen=True)
 class LatchSpec:
     alertname: str
-    severity: Severity
     labels: tuple[str, ...]  # from the event: attempt/role/rank, or data keys group/op
     resolved_by: frozenset[str]
     hold: bool = False  # resolves event_hold_s after the last event when nothing resolves it
@@ -91,26 +90,21 @@ class LatchSpec:
 
 _NEXT_ATTEMPT = frozenset({"attempt_started", "run_succeeded", "run_stopped"})
 LATCHES: dict[str, LatchSpec] = {
-    "collective_hang": LatchSpec(
-        "CollectiveHang", Severity.CRITICAL, ("attempt", "group", "op"), _NEXT_ATTEMPT
-    ),
-    "straggler": LatchSpec(
-        "Straggler", Severity.WARNING, ("attempt", "role", "rank"), _NEXT_ATTEMPT, hold=True
-    ),
-    "heartbeat_lost": LatchSpec("HeartbeatLost", Severity.ERROR, ("attempt", "role", "rank"), _NEXT_ATTEMPT),
-    "progress_stalled": LatchSpec("NoProgress", Severity.ERROR, ("attempt",), _NEXT_ATTEMPT | {"step"}),
-    "attempt_ended": LatchSpec("AttemptFailed", Severity.ERROR, ("attempt",), _NEXT_ATTEMPT),
-    "run_failed": LatchSpec("RunFailed", Severity.CRITICAL, (), _NEXT_ATTEMPT),
+    "collective_hang": LatchSpec("CollectiveHang", ("attempt", "group", "op"), _NEXT_ATTEMPT),
+    "straggler": LatchSpec("Straggler", ("attempt", "role", "rank"), _NEXT_ATTEMPT, hold=True),
+    "heartbeat_lost": LatchSpec("HeartbeatLost", ("attempt", "role", "rank"), _NEXT_ATTEMPT),
+    "progress_stalled": LatchSpec("NoProgress", ("attempt",), _NEXT_ATTEMPT | {"step"}),
+    "attempt_ended": LatchSpec("AttemptFailed", ("attempt",), _NEXT_ATTEMPT),
+    "run_failed": LatchSpec("RunFailed", (), _NEXT_ATTEMPT),
     "resume_verification_failed": LatchSpec(
-        "ResumeMismatch", Severity.ERROR, ("attempt",), _NEXT_ATTEMPT | {"checkpoint_committed"}
+        "ResumeMismatch", ("attempt",), _NEXT_ATTEMPT | {"checkpoint_committed"}
     ),
     "checkpoint_failed": LatchSpec(
         "CheckpointFailed",
-        Severity.WARNING,
         (),
         frozenset({"checkpoint_committed", "run_succeeded", "run_stopped"}),
     ),
-    "daemon_reattached": LatchSpec("DaemonRestarted", Severity.WARNING, (), frozenset(), hold=True),
+    "daemon_reattached": LatchSpec("DaemonRestarted", (), frozenset(), hold=True),
 }
 _TERMINAL = {"run_failed", "run_succeeded", "run_stopped"}
 
@@ -217,76 +211,8 @@ def observe_disk(obs: Observations, path: str, free_bytes: int, total_bytes: int
 
 # ----- conditions ------------------------------------------------------------------------------
 
-_ACTIONS = {
-    "CollectiveHang": "Open the incident; read the culprit's stack dump; the supervisor restarts from the last checkpoint.",
-    "Straggler": "Check the rank's GPU (clocks, temperature, XIDs) and node; cordon the node if it repeats.",
-    "HeartbeatLost": "Check the rank's host and process (frozen, OOM-killed, node lost); the supervisor restarts the attempt.",
-    "NoProgress": "Look at the ranks' phases and open collectives; py-spy the ranks if no hang was diagnosed.",
-    "AttemptFailed": "Read the attempt's exit reason and logs; the supervisor restarts within its budget.",
-    "RunFailed": "Read the failure reason; fix the cause and resume with `milepost run --resume`.",
-    "ResumeMismatch": "The resumed state differs from the checkpoint manifest: check the checkpoint and the data position.",
-    "CheckpointFailed": "Check the checkpoint dir's disk and permissions; a resume would lose progress since the last commit.",
-    "DaemonRestarted": "Check why the daemon restarted (its log); the run was reattached.",
-    "RestartLoop": "The run restarts over and over: a persistent fault (bad node, bad checkpoint, code bug); stop and inspect.",
-    "CheckpointStale": "Check that checkpoints are attempted and commit; a failure now loses everything since the last one.",
-    "WorkerDown": "Check the rank's host and process; the supervisor restarts the attempt when it is required.",
-    "NonFiniteLoss": "The loss or gradients are NaN/Inf: lower the learning rate, check the data and the reward; resume from a checkpoint.",
-    "LossSpike": "Inspect the batch at that step and the gradient norm; consider rolling back to a checkpoint.",
-    "RewardCollapse": "Check the reward function and rollouts (truncation, zero-variance groups, KL); consider rolling back.",
-    "ThroughputDrop": "Compare phase times and straggler scores; check GPUs, the network and the rollout engines.",
-    "DiskLow": "Free space in the run dir (old checkpoints, traces) before checkpoints start to fail.",
-    "GpuOverheat": "Check the node's cooling and power; the GPU throttles and may fail.",
-    "GpuXid": "Look the XID up in NVIDIA's table; drain the node if it is a hardware XID (48, 63, 64, 74, 79, 94, 95).",
-    "GpuEccUncorrected": "Uncorrected ECC errors: drain the node and reset or replace the GPU.",
-}
-_VIEWS = {
-    "CollectiveHang": "incidents",
-    "Straggler": "ranks",
-    "HeartbeatLost": "ranks",
-    "WorkerDown": "ranks",
-    "NoProgress": "overview",
-    "CheckpointFailed": "checkpoints",
-    "CheckpointStale": "checkpoints",
-    "ResumeMismatch": "checkpoints",
-    "NonFiniteLoss": "learning_health",
-    "LossSpike": "learning_health",
-    "RewardCollapse": "learning_health",
-    "ThroughputDrop": "overview",
-    "GpuOverheat": "ranks",
-    "GpuXid": "ranks",
-    "GpuEccUncorrected": "ranks",
-    "DaemonRestarted": "events",
-    "RestartLoop": "events",
-    "AttemptFailed": "events",
-    "RunFailed": "events",
-    "DiskLow": "overview",
-}
-FOR_S: dict[str, float] = {"ThroughputDrop": 300.0, "DiskLow": 300.0, "GpuOverheat": 120.0}
-
-
-def _cond(
-    name: str,
-    severity: Severity,
-    labels: dict[str, str],
-    summary: str,
-    evidence: str = "",
-    description: str = "",
-) -> Condition:
-    return Condition(
-        alertname=name,
-        severity=severity,
-        labels=labels,
-        for_s=FOR_S.get(name, 0.0),
-        summary=summary,
-        description=description or summary,
-        evidence=evidence,
-        action=_ACTIONS.get(name, ""),
-        view=_VIEWS.get(name, "overview"),
-    )
-
 
 def _latched_condition(latch: Latched) -> Condition:
-    spec = next(s for s in LATCHES.values() if s.alertname == latch.alertname)
     d, evidence = latch.data, ""
     if latch.alertname == "CollectiveHang":
         culprits = ", ".join(f"{r} {k}" for r, k in d.get("culprit_ranks") or [])
@@ -299,7 +225,11 @@ def _latched_condition(latch: Latched) -> Condition:
         evidence = f"rank {d.get('rank', '?')} relative score {d.get('relative_score', '?')}"
     elif latch.alertname == "HeartbeatLost":
         evidence = f"pid {d.get('pid', '?')}, last phase {d.get('phase', '?')}"
-    return _cond(latch.alertname, spec.severity, latch.labels, latch.message or latch.alertname, evidence)
+    else:  # the event's own data is the evidence (exit code, reason, step, path)
+        evidence = ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if isinstance(v, str | int | float))[
+            :500
+        ]
+    return condition(latch.alertname, latch.labels, latch.message or latch.alertname, evidence)
 
 
 def _robust_z(values: list[float], x: float) -> float:
@@ -317,9 +247,8 @@ def _step_rules(obs: Observations, r: RulesConfig, base: dict[str, str]) -> list
     if bad:
         vals = ", ".join(f"{k}={last[k]}" for k in bad)
         out.append(
-            _cond(
+            condition(
                 "NonFiniteLoss",
-                Severity.CRITICAL,
                 base,
                 f"non-finite {vals} at step {int(last['step'])}",
                 f"step record {int(last['step'])} of attempt {int(last['attempt'])}",
@@ -332,9 +261,8 @@ def _step_rules(obs: Observations, r: RulesConfig, base: dict[str, str]) -> list
         z = _robust_z(losses, last["loss"])
         if z > r.loss_spike_factor:
             out.append(
-                _cond(
+                condition(
                     "LossSpike",
-                    Severity.WARNING,
                     base,
                     f"loss {last['loss']:.4g} at step {int(last['step'])} is {z:.1f} robust sd above the "
                     f"median {statistics.median(losses):.4g} of the last {len(losses)} steps",
@@ -344,9 +272,8 @@ def _step_rules(obs: Observations, r: RulesConfig, base: dict[str, str]) -> list
     stds = [s["reward_std"] for s in obs.steps[-w:] if "reward_std" in s]
     if len(stds) >= w and max(abs(v) for v in stds) <= r.reward_std_floor:
         out.append(
-            _cond(
+            condition(
                 "RewardCollapse",
-                Severity.WARNING,
                 base,
                 f"reward_std <= {r.reward_std_floor:g} for the last {w} steps: every sample scores the same",
             )
@@ -356,9 +283,8 @@ def _step_rules(obs: Observations, r: RulesConfig, base: dict[str, str]) -> list
         before, now_ = statistics.fmean(rewards[-2 * w : -w]), statistics.fmean(rewards[-w:])
         if before > 0 and now_ < r.reward_drop_ratio * before:
             out.append(
-                _cond(
+                condition(
                     "RewardCollapse",
-                    Severity.WARNING,
                     base,
                     f"mean reward fell from {before:.4g} to {now_:.4g} over the last {w} steps",
                 )
@@ -369,9 +295,8 @@ def _step_rules(obs: Observations, r: RulesConfig, base: dict[str, str]) -> list
         before, now_ = statistics.median(tps[-2 * tw : -tw]), statistics.median(tps[-tw:])
         if before > 0 and now_ < r.throughput_drop_ratio * before:
             out.append(
-                _cond(
+                condition(
                     "ThroughputDrop",
-                    Severity.WARNING,
                     base,
                     f"throughput fell from {before:.4g} to {now_:.4g} tokens/s (median of {tw} steps)",
                 )
@@ -386,18 +311,16 @@ def _gpu_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, st
         where = f"GPU {g.index} on {g.node} (seen by {g.role} {g.rank})"
         if g.temperature_c is not None and g.temperature_c >= r.gpu_temperature_c:
             out.append(
-                _cond(
+                condition(
                     "GpuOverheat",
-                    Severity.WARNING,
                     labels,
                     f"{where} at {g.temperature_c:.0f} C (limit {r.gpu_temperature_c:.0f} C)",
                 )
             )
         if g.xid_new_at is not None and now - g.xid_new_at < r.gpu_error_hold_s:
             out.append(
-                _cond(
+                condition(
                     "GpuXid",
-                    Severity.ERROR,
                     labels,
                     f"{where} reported new XID error(s) {', '.join(g.xid_new)}",
                     f"counts {g.xid}",
@@ -405,9 +328,8 @@ def _gpu_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, st
             )
         if g.ecc_new_at is not None and now - g.ecc_new_at < r.gpu_error_hold_s:
             out.append(
-                _cond(
+                condition(
                     "GpuEccUncorrected",
-                    Severity.CRITICAL,
                     labels,
                     f"{where} reported new uncorrected ECC errors",
                     f"counts {g.ecc}",
@@ -421,9 +343,8 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
     recent = [t for t in obs.restarts if now - t <= r.restart_loop_window_s]
     if len(recent) >= r.restart_loop_count:
         out.append(
-            _cond(
+            condition(
                 "RestartLoop",
-                Severity.CRITICAL,
                 base,
                 f"{len(recent)} restarts in the last {r.restart_loop_window_s / 60:.0f} min "
                 f"(limit {r.restart_loop_count})",
@@ -433,9 +354,8 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
         free, total = obs.disk["free"], obs.disk["total"]
         if free < r.disk_free_bytes or free / total < r.disk_free_ratio:
             out.append(
-                _cond(
+                condition(
                     "DiskLow",
-                    Severity.WARNING,
                     base,
                     f"{free / 2**30:.1f} GiB free ({100 * free / total:.1f}%) on the run dir {obs.disk['path']}",
                 )
@@ -446,9 +366,8 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
     since = max(obs.last_step_ts or 0.0, obs.attempt_started_at)
     if now - since > r.no_progress_s:
         out.append(
-            _cond(
+            condition(
                 "NoProgress",
-                Severity.ERROR,
                 att,
                 f"attempt {obs.attempt} took no step for {now - since:.0f} s (limit {r.no_progress_s:.0f} s)",
             )
@@ -457,9 +376,8 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
     limit = r.checkpoint_stale_factor * r.checkpoint_interval_s
     if now - ckpt > limit:
         out.append(
-            _cond(
+            condition(
                 "CheckpointStale",
-                Severity.WARNING,
                 base,
                 f"no checkpoint committed for {now - ckpt:.0f} s ({r.checkpoint_stale_factor:g} x interval "
                 f"{r.checkpoint_interval_s:.0f} s)",
@@ -471,9 +389,8 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
         age = now - rk["ts"]
         if rk["state"] in ("failed", "dead") or age > r.worker_down_s:
             out.append(
-                _cond(
+                condition(
                     "WorkerDown",
-                    Severity.ERROR,
                     {**att, "role": rk["role"], "rank": rk["rank"]},
                     f"{rk['role']} {rk['rank']} on {rk['host']} is {rk['state'] or 'silent'}; last report "
                     f"{age:.0f} s ago (limit {r.worker_down_s:.0f} s)",
@@ -517,6 +434,3 @@ def prune(obs: Observations, now: float, cfg: AlertsConfig) -> None:
 
 def steps_to_keep(r: RulesConfig) -> int:
     return max(r.loss_spike_window + 1, 2 * r.reward_window, 2 * r.throughput_window)
-
-
-ALERTNAMES = tuple(sorted({*_ACTIONS}))

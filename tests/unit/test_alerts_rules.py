@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 import pytest
-from milepost.alerts import rules
+from milepost.alerts import catalog, rules
 from milepost.alerts.config import AlertsConfig, RulesConfig
 from milepost.alerts.model import Condition
 
@@ -334,7 +334,11 @@ def test_disabled_rules_and_serialisation_round_trip() -> None:
     assert math.isnan(rules.Observations.model_validate(via_store).steps[-1]["loss"])
 
 
-@pytest.mark.parametrize("name", rules.ALERTNAMES)
-def test_every_rule_has_an_action_and_a_view(name: str) -> None:
-    c = rules._cond(name, rules.Severity.ERROR, {"run": "r"}, "s")
-    assert c.action and c.view
+@pytest.mark.parametrize("name", catalog.ALERTNAMES)
+def test_every_alert_has_an_action_a_view_and_a_catalogue_row(name: str) -> None:
+    c = catalog.condition(name, {"run": "r"}, "s")
+    assert c.action and c.view and name in (catalog.__doc__ or "")
+
+
+def test_every_latch_names_a_catalogue_alert() -> None:
+    assert {s.alertname for s in rules.LATCHES.values()} <= set(catalog.ALERTNAMES)
