@@ -10,7 +10,8 @@ Event-made alerts are *latched*: the event opens them and a later event closes t
 does (a straggler streak, a daemon restart). The rest are computed from state:
 
 - RestartLoop: >= restart_loop_count `restart_scheduled` in restart_loop_window_s.
-- NoProgress: the running attempt took no step for no_progress_s (or `progress_stalled`).
+- NoProgress: the running attempt took no step for no_progress_s (or `progress_stalled`);
+  a paused run is not stalled, and its pause does not count.
 - CheckpointStale: no committed checkpoint for checkpoint_stale_factor x interval.
 - WorkerDown: a rank of the running attempt reports `failed`/`dead`, or nothing for worker_down_s.
 - NonFiniteLoss / LossSpike (robust z of the newest loss over a window) / RewardCollapse
@@ -69,6 +70,7 @@ class Observations(BaseModel):
     attempt_running: bool = False
     attempt_started_at: float | None = None
     run_terminal: bool = False
+    paused: bool = False
     daemon_starts: int = 0
     latched: dict[str, Latched] = Field(default_factory=dict)
     restarts: list[float] = Field(default_factory=list)
@@ -123,8 +125,13 @@ def observe_event(obs: Observations, ev: Event) -> None:
             del obs.latched[key]
     if kind == "attempt_started":
         obs.attempt = int(ev.get("attempt") or obs.attempt + 1)
-        obs.attempt_running, obs.attempt_started_at, obs.run_terminal = True, ts, False
+        obs.attempt_running, obs.attempt_started_at, obs.run_terminal, obs.paused = True, ts, False, False
         obs.ranks.clear()
+    elif kind in ("control_pause", "run_paused"):
+        obs.paused = True
+    elif kind == "control_resume":
+        obs.paused = False
+        obs.last_step_ts = max(obs.last_step_ts or ts, ts)  # paused time is not a stall
     elif kind == "attempt_ended":
         obs.attempt_running = False
     elif kind in _TERMINAL:
@@ -360,7 +367,7 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
                     f"{free / 2**30:.1f} GiB free ({100 * free / total:.1f}%) on the run dir {obs.disk['path']}",
                 )
             )
-    if not obs.attempt_running or obs.run_terminal or obs.attempt_started_at is None:
+    if not obs.attempt_running or obs.run_terminal or obs.paused or obs.attempt_started_at is None:
         return out
     att = {**base, "attempt": str(obs.attempt)}
     since = max(obs.last_step_ts or 0.0, obs.attempt_started_at)

@@ -191,7 +191,11 @@ def test_no_progress_from_clock_and_from_event() -> None:
     assert "NoProgress" in names(obs, 115)
     step(obs, 2, 116)
     assert "NoProgress" not in names(obs, 117)
-    rules.observe_event(obs, ev("run_succeeded", 118))
+    rules.observe_event(obs, ev("control_pause", 120))
+    assert names(obs, 1000) == {}  # paused: neither stalled nor stale
+    rules.observe_event(obs, ev("control_resume", 1000))
+    assert "NoProgress" not in names(obs, 1050) and "NoProgress" in names(obs, 1101)
+    rules.observe_event(obs, ev("run_succeeded", 1102))
     assert names(obs, 10_000) == {}  # a finished run is not stalled
 
 
