@@ -99,7 +99,8 @@ class ReceiverConfig(_Frozen):
         if self.type == "pagerduty" and not self.routing_key_env:
             raise ValueError(f"{where}: type pagerduty needs routing_key_env")
         if self.type == "email":
-            if not self.smarthost or ":" not in self.smarthost:
+            host, _, port = self.smarthost.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{where}: smarthost must be host:port, got {self.smarthost!r}")
             if not self.from_addr or not self.to:
                 raise ValueError(f"{where}: type email needs from_addr and to")
