@@ -12,7 +12,8 @@ does (a straggler streak, a daemon restart). The rest are computed from state:
 - RestartLoop: >= restart_loop_count `restart_scheduled` in restart_loop_window_s.
 - NoProgress: the running attempt took no step for no_progress_s (or `progress_stalled`);
   a paused run is not stalled, and its pause does not count.
-- CheckpointStale: no committed checkpoint for checkpoint_stale_factor x interval.
+- CheckpointStale: no committed checkpoint for checkpoint_stale_factor x interval, the interval
+  being the median gap of the last commits (checkpoint_interval_s until two were seen).
 - WorkerDown: a rank of the running attempt reports `failed`/`dead`, or nothing for worker_down_s.
 - NonFiniteLoss / LossSpike (robust z of the newest loss over a window) / RewardCollapse
   (reward_std ~ 0 over a window, or its mean fell below reward_drop_ratio of the window before)
@@ -77,6 +78,7 @@ class Observations(BaseModel):
     last_step_ts: float | None = None
     steps: list[dict[str, float]] = Field(default_factory=list)
     last_checkpoint_ts: float | None = None
+    commits: list[float] = Field(default_factory=list)  # the last few commit times
     ranks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     gpus: dict[str, GpuSeen] = Field(default_factory=dict)
     disk: dict[str, Any] = Field(default_factory=dict)
@@ -140,6 +142,7 @@ def observe_event(obs: Observations, ev: Event) -> None:
         obs.restarts.append(ts)
     elif kind == "checkpoint_committed":
         obs.last_checkpoint_ts = ts
+        obs.commits = [*obs.commits[-9:], ts]
     elif kind == "daemon_started":
         obs.daemon_starts += 1
         if obs.daemon_starts > 1:
@@ -380,14 +383,16 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
             )
         )
     ckpt = obs.last_checkpoint_ts or obs.attempt_started_at
-    limit = r.checkpoint_stale_factor * r.checkpoint_interval_s
+    gaps = [b - a for a, b in zip(obs.commits, obs.commits[1:], strict=False) if b > a]
+    interval = statistics.median(gaps) if gaps else r.checkpoint_interval_s
+    limit = r.checkpoint_stale_factor * interval
     if now - ckpt > limit:
         out.append(
             condition(
                 "CheckpointStale",
                 base,
                 f"no checkpoint committed for {now - ckpt:.0f} s ({r.checkpoint_stale_factor:g} x interval "
-                f"{r.checkpoint_interval_s:.0f} s)",
+                f"{interval:.0f} s)",
             )
         )
     for rk in obs.ranks.values():

@@ -243,3 +243,20 @@ def test_notification_round_trips_through_the_outbox(tmp_path: Path) -> None:
     ob.enqueue(n)
     (row,) = ob.rows()
     assert row.notification == n and row.notification.alerts[0].status == AlertStatus.FIRING
+
+
+def test_daemon_crash_between_enqueue_and_persist_sends_once(tmp_path: Path) -> None:
+    """The daemon enqueues, dies before it stores the alert state, restarts from the older state and
+    ticks again: the same keys come out, the outbox ignores them, the receiver hears each once."""
+    cfg = AlertsConfig(group_wait_s=0)
+    path = tmp_path / "outbox.sqlite"
+    m = AlertManager(cfg, "r1", Outbox(path))
+    _hang_events(m, 0.0, 1)
+    saved = m.state_dict()  # the last state the store holds
+    assert len(m.tick(2)) == 1  # enqueued; then the crash
+    m2 = AlertManager(cfg, "r1", Outbox(path), state=saved)
+    assert len(m2.tick(2)) == 1  # the same notification again...
+    assert m2.outbox is not None and len(m2.outbox.rows()) == 1  # ...stored once
+    rec = Scripted("log", [])
+    Dispatcher(m2.outbox, {"log": rec}).run_once(now=3)
+    assert [k for k, _ in rec.sent] == [m2.outbox.rows()[0].key]

@@ -262,6 +262,11 @@ def test_checkpoint_failed_and_stale() -> None:
     rules.observe_event(obs, ev("checkpoint_committed", 202))
     got = names(obs, 203)
     assert "CheckpointStale" not in got and "CheckpointFailed" not in got
+    for t in (212, 222, 232):  # commits every 10 s: the observed interval replaces the configured 100 s
+        rules.observe_event(obs, ev("checkpoint_committed", t))
+        step(obs, int(t), t)
+    assert "CheckpointStale" not in names(obs, 251)
+    assert "interval 10 s" in names(obs, 253)["CheckpointStale"].summary
 
 
 def test_disk_low() -> None:
