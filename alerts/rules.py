@@ -24,6 +24,7 @@ does (a straggler streak, a daemon restart). The rest are computed from state:
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,9 +118,19 @@ def _s(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+# Spellings of today's daemon (CamelCase detector kinds, attempt_launched) -> the contract's.
+_ALIASES = {"attempt_launched": "attempt_started", "hang_detected": "collective_hang"}
+
+
+def wire_kind(kind: str) -> str:
+    """`CollectiveHang` -> `collective_hang`; `attempt_launched` -> `attempt_started`."""
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
+    return _ALIASES.get(snake, snake)
+
+
 def observe_event(obs: Observations, ev: Event) -> None:
     """Fold one store event into the observations (events arrive in id order)."""
-    kind, ts = ev.get("kind", ""), float(ev.get("ts", 0.0))
+    kind, ts = wire_kind(str(ev.get("kind", ""))), float(ev.get("ts", 0.0))
     data = ev.get("data") or {}
     for key, latch in list(obs.latched.items()):
         spec = next(s for s in LATCHES.values() if s.alertname == latch.alertname)

@@ -351,3 +351,13 @@ def test_every_alert_has_an_action_a_view_and_a_catalogue_row(name: str) -> None
 
 def test_every_latch_names_a_catalogue_alert() -> None:
     assert {s.alertname for s in rules.LATCHES.values()} <= set(catalog.ALERTNAMES)
+
+
+def test_todays_spellings_are_understood() -> None:
+    assert (
+        rules.wire_kind("CollectiveHang") == "collective_hang" and rules.wire_kind("Straggler") == "straggler"
+    )
+    obs = rules.Observations(run="r1")
+    rules.observe_event(obs, ev("attempt_launched", 0, attempt=1))
+    rules.observe_event(obs, ev("CollectiveHang", 1, "critical", group="pg", op="broadcast"))
+    assert names(obs, 2)["CollectiveHang"].labels["op"] == "broadcast"
