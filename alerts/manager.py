@@ -165,7 +165,7 @@ def open_delivery(
     dispatcher = Dispatcher(
         outbox,
         built,
-        timeout_s=max(r.timeout_s for r in cfg.receivers),
+        timeouts={r.name: r.timeout_s for r in cfg.receivers},
         backoff_base_s=cfg.backoff_base_s,
         backoff_max_s=cfg.backoff_max_s,
         max_age_s=cfg.outbox_max_age_s,

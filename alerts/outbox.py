@@ -164,11 +164,13 @@ class Dispatcher:
         max_sends: int = 100,
         clock: Callable[[], float] = time.time,
         on_outcome: Callable[[str, str], None] | None = None,
+        timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self.outbox, self.receivers, self.clock = outbox, dict(receivers), clock
         self.timeout_s, self.poll_s, self.max_sends = timeout_s, poll_s, max_sends
         self.backoff_base_s, self.backoff_max_s, self.max_age_s = backoff_base_s, backoff_max_s, max_age_s
         self.on_outcome = on_outcome
+        self.timeouts = dict(timeouts or {})  # per receiver; timeout_s for the rest
         self.outcomes: dict[tuple[str, str], int] = {}  # (receiver, ok|retry|fail|expired) for the metrics
         self.held: set[str] = set()  # receivers that cannot send now (an unset secret): their rows wait
         self._stop, self._wake = threading.Event(), threading.Event()
@@ -181,7 +183,7 @@ class Dispatcher:
 
     def _send(self, receiver: Receiver, row: Row) -> Outcome:
         try:
-            return receiver.send(row.notification, self.timeout_s)
+            return receiver.send(row.notification, self.timeouts.get(row.receiver, self.timeout_s))
         except Exception as e:  # a receiver that breaks its no-raise contract must not kill the thread
             return Outcome("retry", f"receiver raised {type(e).__name__}")
 
