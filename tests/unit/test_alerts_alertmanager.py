@@ -1,0 +1,96 @@
+"""Against a real Alertmanager (Debian's 0.25, when installed): our push is accepted and forwarded,
+and the webhook body Alertmanager itself sends has exactly the fields ours has."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from milepost.alerts.config import AlertsConfig, ReceiverConfig
+from milepost.alerts.payloads import webhook_payload
+from milepost.alerts.receivers import build_receiver
+
+from tests.unit.test_alerts_receivers import Capture, capture_server, make_notification
+
+AM = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+pytestmark = pytest.mark.skipif(
+    AM is None, reason="no Alertmanager binary (apt-get install prometheus-alertmanager)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(cap: Capture, n: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(cap.bodies()) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_push_to_real_alertmanager_round_trips_to_its_webhook(tmp_path: Path) -> None:
+    assert AM is not None
+    with capture_server() as cap:
+        conf = tmp_path / "am.yml"
+        conf.write_text(
+            "route: {receiver: hook, group_by: [run, alertname], group_wait: 0s, group_interval: 1s, "
+            "repeat_interval: 1h}\n"
+            f"receivers: [{{name: hook, webhook_configs: [{{url: '{cap.url}/am', send_resolved: true}}]}}]\n"
+        )
+        port = _free_port()
+        log = (tmp_path / "am.log").open("w")
+        proc = subprocess.Popen(
+            [
+                AM,
+                f"--config.file={conf}",
+                f"--storage.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, "Alertmanager did not start"
+                time.sleep(0.1)
+            rec = build_receiver(
+                ReceiverConfig(name="am", type="alertmanager", url=f"http://127.0.0.1:{port}"),
+                AlertsConfig(),
+                {},
+            )
+            now = time.time()
+            firing = make_notification()
+            firing.alerts[0].active_since = firing.alerts[0].fired_at = now - 5
+            firing = firing.model_copy(update={"created_at": now})
+            assert rec.send(firing, 5).ok
+            _wait(cap, 1, 10)
+            resolved = make_notification("resolved")
+            resolved.alerts[0].active_since = resolved.alerts[0].fired_at = now - 5
+            resolved.alerts[0].resolved_at = now - 1
+            assert rec.send(resolved, 5).ok
+            _wait(cap, 2, 10)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+    first, second = cap.bodies()[:2]
+    ours = webhook_payload(firing)
+    assert set(first) == set(ours) and set(first["alerts"][0]) == set(ours["alerts"][0])
+    assert first["version"] == "4" and first["status"] == "firing" and second["status"] == "resolved"
+    assert first["alerts"][0]["labels"] == firing.alerts[0].labels
+    assert first["alerts"][0]["generatorURL"] == firing.alerts[0].generator_url
+    assert second["alerts"][0]["endsAt"] == webhook_payload(resolved)["alerts"][0]["endsAt"]
