@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..model import ModelConfig
+from ...model import ModelConfig
 
 DECODER = "decoder.layers"
 
