@@ -68,19 +68,23 @@ def _policy_names(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
+def _swap_qkv(qkv: torch.Tensor, outer: int, inner: int, h: int) -> torch.Tensor:
+    """A fused QKV weight viewed as [outer, inner, head_dim, h] with its two leading dims swapped.
+
+    Policy's [3, heads, ...] <-> Megatron's [heads, 3, ...] (one query group per head)."""
+    return qkv.view(outer, inner, h // (outer * inner // 3), h).transpose(0, 1).reshape(3 * h, h).clone()
+
+
 def policy_to_megatron(
     sd: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int
 ) -> dict[str, torch.Tensor]:
     """A Policy state_dict in the canonical Megatron layout (architecture "policy")."""
-    h, heads = cfg.d_model, cfg.n_heads
     out = {m: sd[p].clone() for p, m in _policy_names(cfg).items()}
     out[WORD] = _pad_rows(sd["embed.weight"], padded_vocab)
     out[OUTPUT] = _pad_rows(sd["head.weight"], padded_vocab)
     for i in range(cfg.n_layers):
-        qkv = (
-            sd[f"layers.{i}.attn.qkv.weight"].view(3, heads, h // heads, h).transpose(0, 1)
-        )  # -> [heads, 3, hd, h]
-        out[layer_names(i)["qkv"]] = qkv.reshape(3 * h, h).clone()
+        qkv = sd[f"layers.{i}.attn.qkv.weight"]
+        out[layer_names(i)["qkv"]] = _swap_qkv(qkv, 3, cfg.n_heads, cfg.d_model)
     return out
 
 
@@ -88,15 +92,12 @@ def megatron_to_policy(
     full: dict[str, torch.Tensor], cfg: ModelConfig, vocab: int
 ) -> dict[str, torch.Tensor]:
     """The canonical Megatron layout (architecture "policy") as a Policy state_dict (padding dropped)."""
-    h, heads = cfg.d_model, cfg.n_heads
     out = {p: full[m].clone() for p, m in _policy_names(cfg).items()}
     out["embed.weight"] = full[WORD][:vocab].clone()
     out["head.weight"] = full[OUTPUT][:vocab].clone()
     for i in range(cfg.n_layers):
-        qkv = (
-            full[layer_names(i)["qkv"]].view(heads, 3, h // heads, h).transpose(0, 1)
-        )  # -> [3, heads, hd, h]
-        out[f"layers.{i}.attn.qkv.weight"] = qkv.reshape(3 * h, h).clone()
+        qkv = full[layer_names(i)["qkv"]]
+        out[f"layers.{i}.attn.qkv.weight"] = _swap_qkv(qkv, cfg.n_heads, 3, cfg.d_model)
     return out
 
 
