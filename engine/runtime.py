@@ -89,10 +89,10 @@ class RankRuntime:
     def for_job(
         cls,
         cfg: Any,
+        *,
         role: str,
         rank: int,
         run_dir: str,
-        *,
         attempt: int,
         daemon_url: str | None,
         token: str | None,
