@@ -14,7 +14,7 @@ SGLang endpoints used (sglang/srt/entrypoints/http_server.py):
   POST /update_weights_from_tensor        {"serialized_named_tensors": [per TP rank], "flush_cache", "weight_version"}
   POST /init_weights_update_group         {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
   POST /update_weights_from_distributed   {"names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version"}
-  POST /flush_cache, GET /get_server_info, GET /get_model_info, GET /get_weight_version
+  GET  /get_weight_version, POST /update_weight_version {"new_version", "abort_all_requests"}
 
 Health: a launched server gets ``startup_grace_s`` to come up (failed checks while it warms
 up are not counted); after that ``failure_threshold`` consecutive failed checks declare it

@@ -71,16 +71,6 @@ class SGLangClient:
         except httpx.HTTPError:
             return False
 
-    def flush_cache(self) -> bool:
-        r = self.http.post("/flush_cache")
-        return r.status_code == 200
-
-    def server_info(self) -> dict[str, Any]:
-        return dict(self._get("/get_server_info"))
-
-    def model_info(self) -> dict[str, Any]:
-        return dict(self._get("/get_model_info"))
-
     def weight_version(self) -> str | None:
         try:
             return str(self._get("/get_weight_version", timeout=10.0).get("weight_version"))
