@@ -83,7 +83,7 @@ class MegatronLayout:
 
     def _name_groups(self) -> None:
         try:
-            from ..collectives import name_group
+            from ...collectives import name_group
         except ImportError:  # collective tracking not present
             return
         ps = self.ps
