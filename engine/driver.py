@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from . import tracing
+from .backends.factory import rollout_worker_class
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
 from .contract.config import JobConfig
 from .grpo import group_advantages
-from .rollout import WeightSyncError, rollout_worker_class
+from .rollout import WeightSyncError
 from .runtime import RankRuntime
 from .task import Task
 from .tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor

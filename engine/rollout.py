@@ -1,9 +1,14 @@
-"""Rollout worker: the embedded torch generator behind the rollout protocol.
+"""Rollout workers: the shared base behind the rollout protocol, and the embedded torch generator.
 
 Weights arrive versioned and checksummed from trainer rank 0; a worker verifies the
 checksum before it swaps them in and refuses to generate with any version other than
 the one the driver expects (unless ``rollout.allow_stale_weights``, which then says so
 in an event). Sampling derives from (seed, step, worker index).
+
+``RolloutWorkerBase`` holds what every rollout backend shares (the rank runtime, the
+format and checksum checks of a weight packet, the staleness check, timing and reporting
+of a generation, info, health, shutdown); a backend supplies ``_load_weights`` and
+``_sample``. The SGLang worker lives in engine/backends/sglang/worker.py.
 """
 
 from __future__ import annotations
@@ -11,20 +16,20 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .contract.config import JobConfig
 from .generate import generate
 from .model import build_policy
-from .runtime import RankRuntime, RuntimeActor
+from .runtime import RuntimeActor, RuntimeArgs
 from .seeding import generator
 from .task import Task
 from .weights import state_checksum
 
 if TYPE_CHECKING:
-    from .backends.sglang_rollout import SGLangRolloutWorker
+    from typing_extensions import Unpack
 
 
 class WeightSyncError(RuntimeError):
@@ -35,54 +40,37 @@ class StaleWeightsError(RuntimeError):
     """A worker was asked to generate with a weight version it does not hold."""
 
 
-class RolloutEngine(Protocol):
-    def update_weights(self, packet: dict[str, Any]) -> dict[str, Any]: ...
-    def generate(self, step: int, prompts: torch.Tensor, expected_version: int) -> dict[str, Any]: ...
-    def health(self) -> dict[str, Any]: ...
+class RolloutWorkerBase(RuntimeActor):
+    """The rollout protocol (update_weights, generate, health) around a backend's load and sample."""
 
+    weight_format = "policy"  # the layout of the weight packets this backend loads
+    format_note = ""  # why another layout is refused, for the error
 
-class TorchRolloutWorker(RuntimeActor):
     def __init__(
         self,
         cfg: JobConfig,
         *,
         index: int,
         run_dir: str,
-        attempt: int = 0,
-        daemon_url: str | None = None,
-        token: str | None = None,
-        deferred: bool = False,
+        **runtime: Unpack[RuntimeArgs],
     ) -> None:
-        torch.set_num_threads(cfg.rollout.threads_per_worker)
         self.cfg, self.index = cfg, index
         self.task = Task(cfg.task)
-        self.policy = build_policy(cfg.model, self.task.vocab_size, cfg.run.seed).eval()
         self.version = -1  # no weights synced from the trainer yet
         self.checksum = ""
-        self.rt = RankRuntime.for_job(
-            cfg,
-            role="rollout",
-            rank=index,
-            run_dir=run_dir,
-            attempt=attempt,
-            daemon_url=daemon_url,
-            token=token,
-            start=not deferred,  # built ahead by a warm standby: reports once its attempt begins
-        )
-        self.events, self.inst = self.rt.events, self.rt.inst
-        self.inst.set_phase("idle")
+        self.open_runtime(cfg, "rollout", index, run_dir, **runtime)
 
     def info(self) -> dict[str, Any]:
         return {"role": "rollout", "rank": self.index, "pid": os.getpid(), "host": socket.gethostname()}
 
+    # -- weights ----------------------------------------------------------------
     def update_weights(self, packet: dict[str, Any]) -> dict[str, Any]:
         with self.inst.phase("weight_sync"):
             version, announced, state = packet["version"], packet["checksum"], packet["state"]
             fmt = packet.get("format", "policy")
-            if fmt != "policy":
+            if fmt != self.weight_format:
                 raise WeightSyncError(
-                    f"rollout {self.index}: weights v{version} are in format {fmt!r}; the embedded "
-                    "torch rollout loads 'policy' weights (use rollout.backend='sglang' for HF layouts)"
+                    f"rollout {self.index}: weights v{version} are in format {fmt!r}; {self.format_note}"
                 )
             got = state_checksum(state)
             if got != announced:
@@ -96,10 +84,18 @@ class TorchRolloutWorker(RuntimeActor):
                     f"rollout {self.index}: weights v{version} checksum {got[:12]} does not match "
                     f"announced {announced[:12]}; still serving v{self.version}"
                 )
-            self.policy.load_state_dict(state, strict=True)
-            self.version, self.checksum = version, got
-        return {"rank": self.index, "version": version, "checksum": got}
+            self._load_weights(version, got, state)
+        return {"rank": self.index, "version": version, "checksum": got, **self._sync_report()}
 
+    def _load_weights(self, version: int, checksum: str, state: dict[str, torch.Tensor]) -> None:
+        """Swaps in verified weights; sets ``version`` and ``checksum``."""
+        raise NotImplementedError
+
+    def _sync_report(self) -> dict[str, Any]:
+        """What ``update_weights`` returns beyond rank, version and checksum."""
+        return {}
+
+    # -- generation ---------------------------------------------------------------
     def generate(self, step: int, prompts: torch.Tensor, expected_version: int) -> dict[str, Any]:
         self.rt.faults.check(step)
         if self.version != expected_version:
@@ -108,17 +104,9 @@ class TorchRolloutWorker(RuntimeActor):
                 self.events.emit("stale_weights", msg, severity="error", step=step)
                 raise StaleWeightsError(msg)
             self.events.emit("stale_weights", msg + " (allowed by config)", severity="warning", step=step)
-        g = self.cfg.grpo
         t0 = time.perf_counter()
         with self.inst.step(step), self.inst.phase("rollout"):
-            responses, logprobs = generate(
-                self.policy,
-                prompts,
-                self.task.response_len,
-                temperature=g.temperature,
-                top_p=g.top_p,
-                generator=generator(self.cfg.run.seed, step, "rollout", self.index),
-            )
+            responses, logprobs = self._sample(step, prompts, expected_version)
             self.rt.faults.slow_down(time.perf_counter() - t0)
         gen_s = time.perf_counter() - t0
         self.rt.publish(timings={"rollout": gen_s}, metrics={"weight_version": float(self.version)})
@@ -131,6 +119,12 @@ class TorchRolloutWorker(RuntimeActor):
             "tokens": int(responses.numel()),
         }
 
+    def _sample(
+        self, step: int, prompts: torch.Tensor, expected_version: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, R] response token ids and their log-probs under the held weights."""
+        raise NotImplementedError
+
     def health(self) -> dict[str, Any]:
         return {"ok": True, "version": self.version, "checksum": self.checksum}
 
@@ -138,10 +132,32 @@ class TorchRolloutWorker(RuntimeActor):
         self.rt.close()
 
 
-def rollout_worker_class(cfg: JobConfig) -> type[TorchRolloutWorker] | type[SGLangRolloutWorker]:
-    """The rollout worker class of ``rollout.backend``: the embedded torch generator or an SGLang client."""
-    if cfg.rollout.backend == "sglang":
-        from .backends.sglang_rollout import SGLangRolloutWorker
+class TorchRolloutWorker(RolloutWorkerBase):
+    """The embedded generator: ``engine.model.Policy`` in this process, sampled with torch."""
 
-        return SGLangRolloutWorker
-    return TorchRolloutWorker
+    format_note = (
+        "the embedded torch rollout loads 'policy' weights (use rollout.backend='sglang' for HF layouts)"
+    )
+
+    def __init__(self, cfg: JobConfig, *, index: int, run_dir: str, **runtime: Unpack[RuntimeArgs]) -> None:
+        torch.set_num_threads(cfg.rollout.threads_per_worker)
+        super().__init__(cfg, index=index, run_dir=run_dir, **runtime)
+        self.policy = build_policy(cfg.model, self.task.vocab_size, cfg.run.seed).eval()
+        self.inst.set_phase("idle")
+
+    def _load_weights(self, version: int, checksum: str, state: dict[str, torch.Tensor]) -> None:
+        self.policy.load_state_dict(state, strict=True)
+        self.version, self.checksum = version, checksum
+
+    def _sample(
+        self, step: int, prompts: torch.Tensor, expected_version: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.cfg.grpo
+        return generate(
+            self.policy,
+            prompts,
+            self.task.response_len,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            generator=generator(self.cfg.run.seed, step, "rollout", self.index),
+        )

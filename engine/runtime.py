@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .contract.config import FaultSpec
 from .events import EventSink
@@ -15,6 +15,9 @@ from .faults import FaultInjector
 from .instrument import RankInstrument
 from .reporter import Reporter
 from .telemetry import RankTelemetry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 TOKEN_ENV = "MILEPOST_TOKEN"
 
@@ -174,10 +177,39 @@ class RankRuntime:
             self.reporter.stop()
 
 
+class RuntimeArgs(TypedDict, total=False):
+    """The keywords the driver passes every actor's constructor besides its role's own."""
+
+    attempt: int  # 0 unless given
+    daemon_url: str | None
+    token: str | None
+    deferred: bool  # built ahead by a warm standby: no reports until ``start_runtime``
+
+
 class RuntimeActor:
-    """Mixed into actor classes: ``start_runtime`` begins the reporting of an actor built ahead."""
+    """Mixed into actor classes: ``open_runtime`` wires an actor's runtime, ``start_runtime``
+    begins the reporting of an actor built ahead."""
 
     rt: RankRuntime
+    events: EventSink
+    inst: RankInstrument
+
+    def open_runtime(
+        self, cfg: Any, role: str, rank: int, run_dir: str, **runtime: Unpack[RuntimeArgs]
+    ) -> None:
+        """Builds ``rt`` (and ``events``, ``inst``) from the runtime keywords the driver passes."""
+        self.rt = RankRuntime.for_job(
+            cfg,
+            role=role,
+            rank=rank,
+            run_dir=run_dir,
+            attempt=runtime.get("attempt", 0),
+            daemon_url=runtime.get("daemon_url"),
+            token=runtime.get("token"),
+            # Built ahead by a warm standby: reports once its attempt begins.
+            start=not runtime.get("deferred", False),
+        )
+        self.events, self.inst = self.rt.events, self.rt.inst
 
     def start_runtime(self) -> None:
         self.rt.start()

@@ -17,18 +17,22 @@ import threading
 import time
 from concurrent.futures import Future
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from . import collectives
-from .backends.base import BackendContext, TrainBackend, make_backend
+from .backends.base import BackendContext, TrainBackend
+from .backends.factory import make_backend
 from .checkpoint import CheckpointStore
 from .contract.config import JobConfig
-from .runtime import RankRuntime, RuntimeActor
+from .runtime import RuntimeActor, RuntimeArgs
 from .weights import state_checksum
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +66,11 @@ class TrainerRank(RuntimeActor):
         rank: int,
         world_size: int,
         run_dir: str,
-        attempt: int = 0,
-        daemon_url: str | None = None,
-        token: str | None = None,
-        deferred: bool = False,
+        **runtime: Unpack[RuntimeArgs],
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.run_dir, self.attempt = run_dir, attempt
-        self.rt = RankRuntime.for_job(
-            cfg,
-            role="trainer",
-            rank=rank,
-            run_dir=run_dir,
-            attempt=attempt,
-            daemon_url=daemon_url,
-            token=token,
-            start=not deferred,  # built ahead by a warm standby: reports once its attempt begins
-        )
-        self.events, self.inst = self.rt.events, self.rt.inst
+        self.run_dir, self.attempt = run_dir, runtime.get("attempt", 0)
+        self.open_runtime(cfg, "trainer", rank, run_dir, **runtime)
         self.store = CheckpointStore(cfg.checkpoint_root(run_dir), keep_last=cfg.checkpoint.keep_last)
         self._pending: Future[Any] | None = None
         self._commit_lock = threading.Lock()

@@ -62,18 +62,6 @@ def minibatch_parts(n: int, minibatches: int, shards: int, index: int) -> list[t
     return [torch.tensor_split(mb, shards)[index] for mb in torch.tensor_split(torch.arange(n), minibatches)]
 
 
-def make_backend(name: str) -> TrainBackend:
-    if name == "fsdp2":
-        from .fsdp2 import FSDP2Backend
-
-        return FSDP2Backend()
-    if name == "megatron":
-        from .megatron import MegatronBackend
-
-        return MegatronBackend()
-    raise ValueError(f"trainer.backend={name!r}: no such train backend")
-
-
 def note_skipped_update(ctx: BackendContext, step: int, grad_norm: float, skipped: int) -> None:
     """A non-finite gradient norm (the same on every rank): the update was skipped everywhere."""
     ctx.events.emit(

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from milepost.engine.backends import megatron_convert as conv
+from milepost.engine.backends.megatron import convert as conv
 from milepost.engine.contract.config import ConfigError, job_from_dict
 from milepost.engine.model import ModelConfig, build_policy
 

@@ -13,15 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from milepost.engine.backends import megatron_convert as conv
-from milepost.engine.backends.sglang_rollout import (
-    DEAD,
-    HEALTHY,
-    STARTING,
-    UNHEALTHY,
-    SGLangError,
-    SGLangRolloutWorker,
-)
+from milepost.engine.backends.megatron import convert as conv
+from milepost.engine.backends.sglang.client import SGLangError
+from milepost.engine.backends.sglang.health import DEAD, HEALTHY, STARTING, UNHEALTHY
+from milepost.engine.backends.sglang.worker import SGLangRolloutWorker
 from milepost.engine.contract.config import ConfigError, job_from_dict
 from milepost.engine.events import read_events
 from milepost.engine.rollout import StaleWeightsError, WeightSyncError

@@ -63,7 +63,7 @@ def _cpu_rope_get_emb(self: Any, max_seq_len: int, offset: int = 0) -> torch.Ten
 def apply() -> None:
     """Installs the patches; call after ``parallel_state.initialize_model_parallel``."""
     if torch.cuda.is_available():
-        raise RuntimeError("megatron_cpu.apply(): CUDA is available; the CPU patches must not be used")
+        raise RuntimeError("megatron.cpu.apply(): CUDA is available; the CPU patches must not be used")
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mrandom
 

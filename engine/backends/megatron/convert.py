@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..model import ModelConfig
+from ...contract.config import ModelConfig
 
 DECODER = "decoder.layers"
 
@@ -52,27 +52,39 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 # -- Policy -------------------------------------------------------------------------------
 
 
+def _policy_names(cfg: ModelConfig) -> dict[str, str]:
+    """Policy name -> Megatron name of every tensor both hold as is (the rest: padding, qkv order)."""
+    names = {"pos_embed.weight": POS, "norm.weight": FINAL_NORM}
+    for i in range(cfg.n_layers):
+        n, p = layer_names(i), f"layers.{i}"
+        for policy, megatron in (
+            ("attn_norm", "attn_norm"),
+            ("attn.out", "proj"),
+            ("mlp_norm", "mlp_norm"),
+            ("ff_in", "fc1"),
+            ("ff_out", "fc2"),
+        ):
+            names[f"{p}.{policy}.weight"] = n[megatron]
+    return names
+
+
+def _swap_qkv(qkv: torch.Tensor, outer: int, inner: int, h: int) -> torch.Tensor:
+    """A fused QKV weight viewed as [outer, inner, head_dim, h] with its two leading dims swapped.
+
+    Policy's [3, heads, ...] <-> Megatron's [heads, 3, ...] (one query group per head)."""
+    return qkv.view(outer, inner, h // (outer * inner // 3), h).transpose(0, 1).reshape(3 * h, h).clone()
+
+
 def policy_to_megatron(
     sd: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int
 ) -> dict[str, torch.Tensor]:
     """A Policy state_dict in the canonical Megatron layout (architecture "policy")."""
-    h, heads = cfg.d_model, cfg.n_heads
-    hd = h // heads
-    out = {
-        WORD: _pad_rows(sd["embed.weight"], padded_vocab),
-        POS: sd["pos_embed.weight"].clone(),
-        FINAL_NORM: sd["norm.weight"].clone(),
-        OUTPUT: _pad_rows(sd["head.weight"], padded_vocab),
-    }
+    out = {m: sd[p].clone() for p, m in _policy_names(cfg).items()}
+    out[WORD] = _pad_rows(sd["embed.weight"], padded_vocab)
+    out[OUTPUT] = _pad_rows(sd["head.weight"], padded_vocab)
     for i in range(cfg.n_layers):
-        n, p = layer_names(i), f"layers.{i}"
-        qkv = sd[f"{p}.attn.qkv.weight"].view(3, heads, hd, h).transpose(0, 1)  # -> [heads, 3, hd, h]
-        out[n["qkv"]] = qkv.reshape(3 * h, h).clone()
-        out[n["attn_norm"]] = sd[f"{p}.attn_norm.weight"].clone()
-        out[n["proj"]] = sd[f"{p}.attn.out.weight"].clone()
-        out[n["mlp_norm"]] = sd[f"{p}.mlp_norm.weight"].clone()
-        out[n["fc1"]] = sd[f"{p}.ff_in.weight"].clone()
-        out[n["fc2"]] = sd[f"{p}.ff_out.weight"].clone()
+        qkv = sd[f"layers.{i}.attn.qkv.weight"]
+        out[layer_names(i)["qkv"]] = _swap_qkv(qkv, 3, cfg.n_heads, cfg.d_model)
     return out
 
 
@@ -80,23 +92,12 @@ def megatron_to_policy(
     full: dict[str, torch.Tensor], cfg: ModelConfig, vocab: int
 ) -> dict[str, torch.Tensor]:
     """The canonical Megatron layout (architecture "policy") as a Policy state_dict (padding dropped)."""
-    h, heads = cfg.d_model, cfg.n_heads
-    hd = h // heads
-    out = {
-        "embed.weight": full[WORD][:vocab].clone(),
-        "pos_embed.weight": full[POS].clone(),
-        "norm.weight": full[FINAL_NORM].clone(),
-        "head.weight": full[OUTPUT][:vocab].clone(),
-    }
+    out = {p: full[m].clone() for p, m in _policy_names(cfg).items()}
+    out["embed.weight"] = full[WORD][:vocab].clone()
+    out["head.weight"] = full[OUTPUT][:vocab].clone()
     for i in range(cfg.n_layers):
-        n, p = layer_names(i), f"layers.{i}"
-        qkv = full[n["qkv"]].view(heads, 3, hd, h).transpose(0, 1)  # -> [3, heads, hd, h]
-        out[f"{p}.attn.qkv.weight"] = qkv.reshape(3 * h, h).clone()
-        out[f"{p}.attn_norm.weight"] = full[n["attn_norm"]].clone()
-        out[f"{p}.attn.out.weight"] = full[n["proj"]].clone()
-        out[f"{p}.mlp_norm.weight"] = full[n["mlp_norm"]].clone()
-        out[f"{p}.ff_in.weight"] = full[n["fc1"]].clone()
-        out[f"{p}.ff_out.weight"] = full[n["fc2"]].clone()
+        qkv = full[layer_names(i)["qkv"]]
+        out[f"layers.{i}.attn.qkv.weight"] = _swap_qkv(qkv, cfg.n_heads, 3, cfg.d_model)
     return out
 
 
