@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
-from . import tracing
+from . import step_tracing as tracing
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
 from .config import JobConfig
 from .grpo import group_advantages
 from .rollout import WeightSyncError, rollout_worker_class
 from .runtime import RankRuntime
+from .step_tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor
 from .task import Task
-from .tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor
 from .trainer import ResumeError, TrainerRank
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from .events import EventSink
 from .faults import FaultInjector
 from .instrument import RankInstrument
 from .jobspec import FaultSpec
+from .rank_telemetry import RankTelemetry
 from .reporter import Reporter
-from .telemetry import RankTelemetry
 
 TOKEN_ENV = "MILEPOST_TOKEN"
 
