@@ -180,7 +180,7 @@ class Store:
         if not fields:
             return
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE attempts SET {cols} WHERE number = ?", (*fields.values(), number))  # noqa: S608
+        self._exec(f"UPDATE attempts SET {cols} WHERE number = ?", (*fields.values(), number))
 
     def attempts(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM attempts ORDER BY number")
@@ -266,7 +266,7 @@ class Store:
     def upsert_checkpoint(self, step: int, **fields: Any) -> None:
         self._exec("INSERT OR IGNORE INTO checkpoints (step) VALUES (?)", (step,))
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE checkpoints SET {cols} WHERE step = ?", (*fields.values(), step))  # noqa: S608
+        self._exec(f"UPDATE checkpoints SET {cols} WHERE step = ?", (*fields.values(), step))
 
     def checkpoints(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM checkpoints ORDER BY step DESC")
@@ -333,7 +333,7 @@ class Store:
             if k in fields:
                 fields[k] = json.dumps(fields[k])
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE diagnoses SET {cols} WHERE id = ?", (*fields.values(), diag_id))  # noqa: S608
+        self._exec(f"UPDATE diagnoses SET {cols} WHERE id = ?", (*fields.values(), diag_id))
 
     def diagnoses(self, *, limit: int = 200) -> list[dict[str, Any]]:
         rows = self._all("SELECT * FROM diagnoses ORDER BY id DESC LIMIT ?", (limit,))

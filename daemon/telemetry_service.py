@@ -103,10 +103,6 @@ class TraceSpans(BaseModel):
     spans: list[SpanView]
 
 
-class OtlpResult(BaseModel):
-    accepted_spans: int
-
-
 # -- routes -----------------------------------------------------------------------
 def install_routes(
     app: FastAPI,
