@@ -44,10 +44,10 @@ from milepost.daemon.api_models import (
     Steps,
 )
 from milepost.daemon.auth import tokens_equal
+from milepost.daemon.otlp_receiver import MAX_PAYLOAD
 from milepost.daemon.store import Store
-from milepost.daemon.telemetry import Telemetry
-from milepost.daemon.telemetry import install_routes as install_telemetry_routes
-from milepost.daemon.traces import MAX_PAYLOAD
+from milepost.daemon.telemetry_service import Telemetry
+from milepost.daemon.telemetry_service import install_routes as install_telemetry_routes
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 

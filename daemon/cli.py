@@ -1,16 +1,22 @@
-"""milepost: the command line.
+"""milepost: the one command line (the ``milepost`` script), and the daemon's commands.
 
 milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done]
     validates the job, then starts the daemon that supervises it (re-attaching to a
     running attempt when the run dir already has one).
 milepost status [--run-dir DIR]      a readable summary of a run
+milepost pause|resume|stop|checkpoint [--run-dir DIR]   control a running run
+milepost inject --rank N --kind K    inject a fault into a rank
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
 milepost schema                      the job file's JSON Schema
+
+Commands of other packages are listed in ``COMMANDS`` by module name and imported only
+when named, so that ``milepost run`` loads neither torch nor the dashboard.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -19,7 +25,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from milepost.engine.contract.cli import command_parser, run_command
 from milepost.engine.contract.config import ConfigError, load_ops_view
+
+# Commands other packages own: name -> (module with main(argv), help line).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "engine": ("milepost.engine.cli", "run the engine alone (one attempt); see milepost engine -h"),
+}
 
 
 def _run_dir(job: str | None, given: str | None) -> Path:
@@ -122,10 +134,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="milepost", description="milepost: keep RL post-training runs alive and visible"
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p, sub = command_parser()
     r = sub.add_parser("run", help="start the daemon supervising a job")
     r.add_argument("job", help="job TOML file, e.g. examples/tiny-grpo-cpu.toml")
     r.add_argument(
@@ -162,24 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--run-dir", default=None)
     i.set_defaults(func=_cmd_inject)
     sub.add_parser("schema", help="print the job file's JSON Schema").set_defaults(func=_cmd_schema)
-    sub.add_parser(
-        "engine", help="run the engine alone (one attempt); see milepost engine -h", add_help=False
-    )
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)  # listed in -h; parsed by its own module
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "engine":
-        from milepost.engine.cli import main as engine_main
-
-        return engine_main(argv)
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as e:
-        print(f"milepost: config error: {e}", file=sys.stderr)
-        return 2
+    if argv and argv[0] in COMMANDS:
+        return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv))
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     from .auth import load_or_create_token
     from .store import Store
     from .supervisor import Supervisor
-    from .telemetry import Telemetry
+    from .telemetry_service import Telemetry
 
     try:
         ops = load_ops_view(job)

@@ -3,6 +3,11 @@
 Holds the run, its attempts, events, per-step records, checkpoints, the latest report
 of every rank and the ingest offsets of the files it tails. Metrics, the API and the
 dashboard are derived from it. Safe to use from several threads of one process.
+
+The schema is versioned by SQLite's ``user_version``: ``MIGRATIONS`` lists the ordered
+steps, and opening a database runs the steps it lacks (each in its own transaction).
+Databases written before versions (user_version 0, version 1's tables) count as version 1;
+one newer than this code refuses to open (``SchemaTooNew``).
 """
 
 from __future__ import annotations
@@ -17,43 +22,95 @@ from typing import Any
 
 DB_FILE = "milepost.db"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS run (
+# Version 1: the schema before versions (those databases have user_version 0 and these tables).
+_V1 = (
+    """CREATE TABLE IF NOT EXISTS run (
     id TEXT PRIMARY KEY, name TEXT, job TEXT, run_dir TEXT, state TEXT, reason TEXT,
     created_at REAL, updated_at REAL, target_steps INTEGER
-);
-CREATE TABLE IF NOT EXISTS attempts (
+)""",
+    """CREATE TABLE IF NOT EXISTS attempts (
     number INTEGER PRIMARY KEY, pid INTEGER, state TEXT, world_size INTEGER,
     started_at REAL, ended_at REAL, exit_code INTEGER, reason TEXT,
     start_step INTEGER, resumed_from INTEGER, verified INTEGER, last_step INTEGER
-);
-CREATE TABLE IF NOT EXISTS events (
+)""",
+    """CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, kind TEXT, severity TEXT, message TEXT,
     attempt INTEGER, role TEXT, rank INTEGER, step INTEGER, data TEXT
-);
-CREATE INDEX IF NOT EXISTS events_kind ON events(kind);
-CREATE TABLE IF NOT EXISTS steps (
+)""",
+    """CREATE INDEX IF NOT EXISTS events_kind ON events(kind)""",
+    """CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, attempt INTEGER, ts REAL, record TEXT
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
+)""",
+    """CREATE TABLE IF NOT EXISTS checkpoints (
     step INTEGER PRIMARY KEY, path TEXT, status TEXT, reason TEXT, world_size INTEGER,
     state_checksum TEXT, committed_at REAL, attempt INTEGER
-);
-CREATE TABLE IF NOT EXISTS ranks (
+)""",
+    """CREATE TABLE IF NOT EXISTS ranks (
     role TEXT, rank INTEGER, attempt INTEGER, data TEXT, received_at REAL,
     PRIMARY KEY (role, rank)
-);
-CREATE TABLE IF NOT EXISTS diagnoses (
+)""",
+    """CREATE TABLE IF NOT EXISTS diagnoses (
     id INTEGER PRIMARY KEY AUTOINCREMENT, attempt INTEGER, kind TEXT, culprit_ranks TEXT, "group" TEXT,
     seq INTEGER, op TEXT, onset_at REAL, detected_at REAL, action TEXT, message TEXT, phases TEXT,
     evidence TEXT
-);
-CREATE TABLE IF NOT EXISTS offsets (name TEXT PRIMARY KEY, value INTEGER);
-CREATE TABLE IF NOT EXISTS reports_seen (
+)""",
+    """CREATE TABLE IF NOT EXISTS offsets (name TEXT PRIMARY KEY, value INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS reports_seen (
     attempt INTEGER, role TEXT, rank INTEGER, seq INTEGER, received INTEGER,
     PRIMARY KEY (attempt, role, rank)
-);
-"""
+)""",
+)
+
+# Ordered steps: step n takes a database from version n - 1 to n. Append; never edit one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer milepost than this one."""
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    cur = db.cursor()
+    cur.row_factory = None  # plain tuples, whatever the connection's row factory
+    return int(cur.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _found_version(db: sqlite3.Connection) -> int:
+    version = _user_version(db)
+    if (
+        version == 0
+        and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'run'").fetchone()
+    ):
+        return 1  # written before schema versions: its tables are version 1's
+    return version
+
+
+def migrate(db: sqlite3.Connection, path: Path, migrations: tuple[tuple[str, ...], ...] = MIGRATIONS) -> int:
+    """Brings ``db`` (autocommit mode) to ``len(migrations)``, one transaction per step; returns that version."""
+    target = len(migrations)
+    if _user_version(db) == target:
+        return target
+    while True:
+        db.execute("BEGIN IMMEDIATE")  # one migrator at a time: another process may open the same file
+        try:
+            version = _found_version(db)
+            if version > target:
+                raise SchemaTooNew(
+                    f"{path}: schema version {version} is newer than this milepost knows ({target}); "
+                    "open it with the milepost that wrote it, or a newer one"
+                )
+            if version == target:
+                db.execute(f"PRAGMA user_version = {version}")
+                db.execute("COMMIT")
+                return target
+            for statement in migrations[version]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
 
 def _row(cur: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
@@ -69,7 +126,11 @@ class Store:
         self._db.row_factory = _row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            migrate(self._db, self.path)
+        except SchemaTooNew:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -119,7 +180,7 @@ class Store:
         if not fields:
             return
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE attempts SET {cols} WHERE number = ?", (*fields.values(), number))  # noqa: S608
+        self._exec(f"UPDATE attempts SET {cols} WHERE number = ?", (*fields.values(), number))
 
     def attempts(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM attempts ORDER BY number")
@@ -205,7 +266,7 @@ class Store:
     def upsert_checkpoint(self, step: int, **fields: Any) -> None:
         self._exec("INSERT OR IGNORE INTO checkpoints (step) VALUES (?)", (step,))
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE checkpoints SET {cols} WHERE step = ?", (*fields.values(), step))  # noqa: S608
+        self._exec(f"UPDATE checkpoints SET {cols} WHERE step = ?", (*fields.values(), step))
 
     def checkpoints(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM checkpoints ORDER BY step DESC")
@@ -272,7 +333,7 @@ class Store:
             if k in fields:
                 fields[k] = json.dumps(fields[k])
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self._exec(f"UPDATE diagnoses SET {cols} WHERE id = ?", (*fields.values(), diag_id))  # noqa: S608
+        self._exec(f"UPDATE diagnoses SET {cols} WHERE id = ?", (*fields.values(), diag_id))
 
     def diagnoses(self, *, limit: int = 200) -> list[dict[str, Any]]:
         rows = self._all("SELECT * FROM diagnoses ORDER BY id DESC LIMIT ?", (limit,))

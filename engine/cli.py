@@ -1,8 +1,13 @@
-"""milepost command line.
+"""The engine's command.
 
 milepost engine JOB.toml [--run-dir DIR] [--steps N] [--world-size W]
     runs the engine alone (one attempt, resuming from the run's newest verified
     checkpoint), with a progress bar: step, reward, step time.
+
+The ``milepost`` parser frame and its dispatch live in the contract (``contract.cli``), shared
+with the one entry point (``milepost.daemon.cli``), which runs this module's ``main`` when its
+command is named. Importing this module loads no torch: the engine's modules load when the
+command runs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .contract.config import ConfigError, load_job
+from .contract.cli import command_parser, run_command
 
 EXIT_RESUME_MISMATCH = 3  # the loaded state does not match its manifest: restarting cannot help
 EXIT_NO_SLOTS = 4  # fewer free trainer slots than trainer.min_world_size
@@ -25,6 +30,7 @@ EXIT_NO_SLOTS = 4  # fewer free trainer slots than trainer.min_world_size
 def _engine(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .contract.config import load_job
     from .driver import Engine, StepResult
 
     cfg = load_job(args.job)
@@ -143,10 +149,7 @@ def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="milepost", description="milepost: keep RL post-training runs alive and visible"
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p, sub = command_parser()
     e = sub.add_parser("engine", help="run the engine alone (one attempt) on a job file")
     e.add_argument("job", help="job TOML file, e.g. examples/tiny-grpo-cpu.toml")
     e.add_argument(
@@ -170,12 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as e:
-        print(f"milepost: config error: {e}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

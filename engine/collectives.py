@@ -152,16 +152,6 @@ def install(inst: RankInstrument) -> Tracker:
     return _tracker
 
 
-def uninstall() -> None:
-    global _tracker
-    for name, original in _installed.items():
-        setattr(c10d, name, original)
-        if hasattr(dist, name):
-            setattr(dist, name, original)
-    _installed.clear()
-    _tracker = None
-
-
 def tracker() -> Tracker | None:
     return _tracker
 
@@ -173,7 +163,7 @@ def dump_flight_recorder() -> dict[str, Any]:
     raw = torch._C._distributed_c10d._dump_fr_trace(  # type: ignore[attr-defined]
         includeCollectives=True, includeStackTraces=False, onlyActive=False
     )
-    data = pickle.loads(raw)  # noqa: S301 -- produced by torch in this very process, never from the wire
+    data = pickle.loads(raw)  # produced by torch in this very process, never from the wire
     entries = [
         {
             "pg": str(e.get("process_group", ("", ""))[0])

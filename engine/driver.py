@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import tracing
+from . import step_tracing as tracing
 from .backends.factory import rollout_worker_class
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
@@ -32,8 +32,8 @@ from .contract.config import JobConfig
 from .grpo import group_advantages
 from .rollout import WeightSyncError
 from .runtime import RankRuntime
+from .step_tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor
 from .task import Task
-from .tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor
 from .trainer import ResumeError, TrainerRank
 
 log = logging.getLogger(__name__)

@@ -2,12 +2,10 @@
 
 Training code calls ``inst.step(n)``, ``inst.phase("train")`` and
 ``inst.collective("all_reduce", group="world", nbytes=...)`` (or, for async work,
-``begin_collective``/``end_collective``); observers plugged in here (reporter to the
-daemon, tracing, hang and straggler detection) see them all. The instrument keeps the
-rank's live state (step, phase, open collectives, per-group sequence numbers, per-op
-summaries) so a reporter thread can read it without touching the training thread.
-
-Observer errors are counted and swallowed: reporting must never hurt training.
+``begin_collective``/``end_collective``). The instrument keeps the rank's live state
+(step, phase, open collectives, per-group sequence numbers, per-op summaries, compute
+time per phase) so the reporter thread can read it without touching the training thread;
+the daemon's hang and straggler detection work from those reports.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
 _RECENT = 64  # closed collectives kept for arrival-lateness comparisons across ranks
 _DURATIONS = 128  # recent durations kept per (op, group) for the p99
@@ -84,42 +81,17 @@ class RankState:
     collective_busy_s: float = 0.0
 
 
-class RankObserver(Protocol):
-    def on_step_begin(self, state: RankState, step: int) -> None: ...
-    def on_step_end(self, state: RankState, step: int, duration_s: float) -> None: ...
-    def on_phase_end(self, state: RankState, rec: PhaseRecord) -> None: ...
-    def on_collective_begin(self, state: RankState, rec: CollectiveRecord) -> None: ...
-    def on_collective_end(self, state: RankState, rec: CollectiveRecord) -> None: ...
-
-
 class RankInstrument:
-    def __init__(self, role: str, rank: int, observers: list[RankObserver] | None = None) -> None:
+    def __init__(self, role: str, rank: int) -> None:
         self.state = RankState(role=role, rank=rank)
-        self.observers: list[RankObserver] = list(observers or [])
-        self.observer_errors = 0
+        self.observer_errors = 0  # no observers any more; the reporter still sends the counter (always 0)
         self._lock = threading.Lock()
         self._local = threading.local()  # depth of explicit collective() records on this thread
-
-    def add_observer(self, obs: RankObserver) -> None:
-        self.observers.append(obs)
-
-    def _notify(self, method: str, *args: object) -> None:
-        for obs in self.observers:
-            try:
-                getattr(obs, method)(self.state, *args)
-            except Exception:
-                # A broken observer must not take the training step down with it.
-                self.observer_errors += 1
 
     @contextmanager
     def step(self, step: int) -> Iterator[None]:
         self.state.step = step
-        t0 = time.monotonic()
-        self._notify("on_step_begin", step)
-        try:
-            yield
-        finally:
-            self._notify("on_step_end", step, time.monotonic() - t0)
+        yield
 
     @contextmanager
     def phase(self, name: str) -> Iterator[PhaseRecord]:
@@ -136,7 +108,6 @@ class RankInstrument:
             if name == "train":
                 self.state.compute_hist.append((rec.step, rec.compute_s))
             self.state.phase = prev
-            self._notify("on_phase_end", rec)
 
     def set_phase(self, name: str) -> None:
         self.state.phase = name
@@ -152,7 +123,6 @@ class RankInstrument:
                 op=op, group=group, seq=seq, nbytes=nbytes, dtype=dtype, enter_ts=time.time(), world=world
             )
             self.state.open_collectives[(group, seq)] = rec
-        self._notify("on_collective_begin", rec)
         return rec
 
     def end_collective(self, rec: CollectiveRecord) -> None:
@@ -178,8 +148,6 @@ class RankInstrument:
                 self.state.recent.append(c)
                 self.state.collective_busy_s += duration
             self.state.completed[rec.group] = max(self.state.completed.get(rec.group, 0), rec.seq)
-        for c in closed:
-            self._notify("on_collective_end", c)
 
     @contextmanager
     def collective(

@@ -13,8 +13,8 @@ from .contract.config import FaultSpec
 from .events import EventSink
 from .faults import FaultInjector
 from .instrument import RankInstrument
+from .rank_telemetry import RankTelemetry
 from .reporter import Reporter
-from .telemetry import RankTelemetry
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

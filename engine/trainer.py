@@ -53,7 +53,7 @@ def node_address() -> str:
 
         if ray.is_initialized():
             return str(ray.util.get_node_ip_address())
-    except Exception:  # noqa: S110 -- outside Ray the rank is on loopback
+    except Exception:  # outside Ray the rank is on loopback
         pass
     return "127.0.0.1"
 

@@ -18,7 +18,7 @@ class OtlpSink:
 
     def spans(self) -> list[dict[str, Any]]:
         """Every span received, decoded with the daemon's decoder (protobuf or JSON)."""
-        from milepost.daemon.traces import decode_json, decode_protobuf
+        from milepost.daemon.otlp_receiver import decode_json, decode_protobuf
 
         out: list[dict[str, Any]] = []
         with self.lock:

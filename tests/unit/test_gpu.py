@@ -255,8 +255,8 @@ def test_rank_samples_ride_reports_one_source_per_node() -> None:
 
 def test_rank_opt_in_puts_its_node_snapshot_in_every_report(monkeypatch: pytest.MonkeyPatch) -> None:
     from milepost.engine.instrument import RankInstrument
+    from milepost.engine.rank_telemetry import RANK_GPU_ENV, RankTelemetry
     from milepost.engine.reporter import Reporter
-    from milepost.engine.telemetry import RANK_GPU_ENV, RankTelemetry
 
     monkeypatch.setenv(RANK_GPU_ENV, "1")
     monkeypatch.setenv("MILEPOST_TRACING", "0")

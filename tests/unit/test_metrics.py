@@ -18,7 +18,7 @@ from milepost.daemon.api import create_app
 from milepost.daemon.collective_metrics import busbw_factor, normalize_op
 from milepost.daemon.metrics import RunMetrics
 from milepost.daemon.store import Store
-from milepost.daemon.telemetry import Telemetry
+from milepost.daemon.telemetry_service import Telemetry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families

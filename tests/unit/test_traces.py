@@ -13,11 +13,11 @@ import httpx
 import pytest
 from milepost.daemon.api import create_app
 from milepost.daemon.metrics import RunMetrics
-from milepost.daemon.recovery_traces import RecoveryTracer
+from milepost.daemon.otlp_receiver import SpanRing, TraceReceiver, forward_target
+from milepost.daemon.recovery_spans import RecoveryTracer
 from milepost.daemon.store import Store
-from milepost.daemon.telemetry import Telemetry
-from milepost.daemon.traces import SpanRing, TraceReceiver, forward_target
-from milepost.engine import tracing
+from milepost.daemon.telemetry_service import Telemetry
+from milepost.engine import step_tracing as tracing
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 

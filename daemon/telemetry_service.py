@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .gpu_metrics import GpuMetrics
 from .metrics import RunMetrics
-from .recovery_traces import RecoveryTracer
-from .traces import JSON, MAX_PAYLOAD, PROTOBUF, PayloadError, TraceReceiver
+from .otlp_receiver import JSON, MAX_PAYLOAD, PROTOBUF, PayloadError, TraceReceiver
+from .recovery_spans import RecoveryTracer
 
 GPU_ENV = "MILEPOST_GPU_COLLECTOR"  # "0": no NVML collector in the daemon
 TRACE_ID = r"^[0-9a-f]{32}$"
@@ -101,10 +101,6 @@ class SpanView(BaseModel):
 class TraceSpans(BaseModel):
     trace_id: str
     spans: list[SpanView]
-
-
-class OtlpResult(BaseModel):
-    accepted_spans: int
 
 
 # -- routes -----------------------------------------------------------------------

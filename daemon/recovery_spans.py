@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .traces import PROTOBUF, TraceReceiver
+from .otlp_receiver import PROTOBUF, TraceReceiver
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import tracing
+from . import step_tracing as tracing
 from .gpu import GpuCollector
 
 RANK_GPU_ENV = "MILEPOST_RANK_GPU"

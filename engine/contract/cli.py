@@ -1,0 +1,33 @@
+"""The ``milepost`` command-line frame that every package's commands share (torch-free).
+
+The one entry point (``milepost.daemon.cli``) and each package's own command module
+(``milepost.engine.cli``, later the dashboard's) build their parsers on this frame, so the
+program name, the description and the exit code of a config error are said once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import ConfigError
+
+
+def command_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The ``milepost`` parser and its subcommand table, for each package to add its commands to."""
+    p = argparse.ArgumentParser(
+        prog="milepost", description="milepost: keep RL post-training runs alive and visible"
+    )
+    return p, p.add_subparsers(dest="cmd", required=True)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parses ``argv`` and runs the chosen command; a config error is exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"milepost: config error: {e}", file=sys.stderr)
+        return 2
