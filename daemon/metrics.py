@@ -13,7 +13,6 @@ carry the step's trace id as an exemplar (served in the OpenMetrics exposition).
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import threading
@@ -52,7 +51,6 @@ LEARNING: dict[str, tuple[str, str, dict[str, str]]] = {
 LEARNING_KEYS = tuple(LEARNING)
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_RANKS = 4096
-log = logging.getLogger(__name__)
 
 
 def _finite(v: Any) -> float | None:

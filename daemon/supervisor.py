@@ -30,7 +30,7 @@ from milepost.engine.jobspec import OpsView
 from . import evidence, liveness, procs
 from .attempt import RunningAttempt
 from .bus import EventBus
-from .controller import TERMINAL, RunController, compute_goodput
+from .controller import TERMINAL, RunController
 from .detect import Diagnosis, HangDetector
 from .goodput import GoodputLedger
 from .launcher import Launcher, WarmStandby
@@ -39,7 +39,7 @@ from .restart_policy import EXIT_RESUME_MISMATCH, GONE, Outcome, PolicyState, de
 from .store import Store
 from .tailer import STEPS_FILE, Tailer
 
-__all__ = ["STEPS_FILE", "TERMINAL", "Supervisor", "compute_goodput"]
+__all__ = ["STEPS_FILE", "TERMINAL", "Supervisor"]
 
 log = logging.getLogger(__name__)
 
