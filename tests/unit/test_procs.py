@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 from milepost.daemon import procs
@@ -12,12 +11,12 @@ from milepost.daemon import procs
 
 def test_identity_alive_cmdline_and_group_kill() -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)", "milepost-marker"], start_new_session=True
-    )
+        ["sleep", "30"], start_new_session=True
+    )  # a binary: one exec, its cmdline at once
     try:
         ident = procs.ProcessIdentity.of(child.pid)
         assert ident is not None and ident.is_running()
-        assert procs.alive(child.pid) and procs.runs(child.pid, "milepost-marker")
+        assert procs.alive(child.pid) and procs.runs(child.pid, "sleep 30")
         assert not procs.runs(child.pid, "--standby-dir")
         procs.kill_group(child.pid)
         child.wait(timeout=10)
