@@ -60,7 +60,7 @@ T = TypeVar("T")
 
 
 class Controller(Protocol):
-    """What the API needs from the supervisor; FakeController in the tests, daemon.supervisor in production."""
+    """What the API needs of the run; FakeController in the tests, daemon.controller.RunController in production."""
 
     # keys at least: run_id, name, state, reason, step, target_steps, attempt, world_size,
     # goodput (float 0..1), restarts, started_at, updated_at

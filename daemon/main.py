@@ -49,14 +49,14 @@ def _pick_port(run_dir: Path, host: str, configured: int) -> int:
 
 def daemon_running(run_dir: Path) -> dict[str, object] | None:
     """The daemon.json of a live daemon on this run dir, if there is one."""
-    from .supervisor import pid_alive, pid_cmdline
+    from . import procs
 
     try:
         info = json.loads((run_dir / DAEMON_FILE).read_text())
     except (OSError, ValueError):
         return None
     pid = int(info.get("pid", 0))
-    if pid and pid != os.getpid() and pid_alive(pid) and "milepost.daemon" in pid_cmdline(pid):
+    if pid and pid != os.getpid() and procs.runs(pid, "milepost.daemon"):
         return dict(info)
     return None
 
@@ -108,9 +108,10 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         api_url=url,
         ray_address=ray_address,
         metrics=telemetry.metrics,
+        bus=telemetry.bus,
     )
     app = create_app(
-        store, sup, token=token, require_token_for_reads=host not in LOOPBACK, telemetry=telemetry
+        store, sup.controller, token=token, require_token_for_reads=host not in LOOPBACK, telemetry=telemetry
     )
     # Ranks keep one connection each for reports (every second) and one for spans (every 5 s):
     # uvicorn's 5 s idle limit would close the latter between exports.
@@ -157,12 +158,12 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         telemetry.close()
     if not interrupted:
         return 0
-    from .supervisor import pid_alive
+    from . import procs
 
-    pid = sup.attempt_pid
-    if pid is not None and pid_alive(pid):
+    pid = sup.attempt.pid
+    if pid is not None and procs.alive(pid):
         print(
-            f"\nmilepost: daemon stopped; attempt {sup.attempt_no} (pid {pid}) keeps training.\n"
+            f"\nmilepost: daemon stopped; attempt {sup.attempt.number} (pid {pid}) keeps training.\n"
             f"  re-attach  .venv/bin/milepost run {job} --run-dir {run_dir}\n"
             f"  or end it  kill -TERM -{pid}   (its process group: attempts lead their own)",
             flush=True,

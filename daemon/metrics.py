@@ -1,8 +1,9 @@
 """The daemon's Prometheus metrics: one registry, fed by what the supervisor ingests.
 
-The supervisor calls ``on_step`` for every step record it tails, ``on_event`` for every
-event (the ranks' and its own), ``on_report`` for every accepted rank report; the
-detector calls ``set_straggler_score`` and ``on_event`` for its diagnoses. Scrape-time
+A subscriber of the daemon's event bus (``daemon.bus``): ``on_step`` for every step record
+the supervisor tails, ``on_event`` for every event (the ranks' and its own, with the restart
+reason ``daemon.causes`` gave), ``on_report`` for every accepted rank report; the supervisor
+calls ``set_straggler_score`` with the detector's scores. Scrape-time
 families (worker liveness, wall clock, collectives, GPUs) are computed when collected.
 Every series carries ``run_id``; no label takes step or sample ids, and every label
 value comes from a bounded set. A non-finite value never reaches a gauge: it counts in
@@ -12,7 +13,6 @@ carry the step's trace id as an exemplar (served in the OpenMetrics exposition).
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import threading
@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .causes import HANG_KINDS, RESTART_REASONS, snake
 from .collective_metrics import CollectiveMetrics
 from .gpu_metrics import GpuMetrics
 
@@ -35,21 +36,6 @@ ROLES = ("driver", "trainer", "rollout")
 RUN_STATES = ("STARTING", "RUNNING", "PAUSED", "RECOVERING", "STOPPING", "SUCCEEDED", "FAILED", "STOPPED")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SEVERITIES = ("info", "warning", "error", "critical")
-RESTART_REASONS = (
-    "actor_died",
-    "actor_error",
-    "driver_error",
-    "heartbeat_lost",
-    "progress_stalled",
-    "collective_hang",
-    "straggler",
-    "insufficient_slots",
-    "vanished",
-    "other",
-)
-HANG_KINDS = ("collective_hang", "hang_detected")
-# Daemon detections that end an attempt (event kinds, snake_cased); a Straggler event alone does not.
-DETECTIONS = ("heartbeat_lost", "progress_stalled", *HANG_KINDS)
 # Step record key -> (gauge, help, labels): exported once the first finite value arrives.
 # The keys are also the values of milepost_nonfinite_values_total{metric}.
 LEARNING: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -65,11 +51,6 @@ LEARNING: dict[str, tuple[str, str, dict[str, str]]] = {
 LEARNING_KEYS = tuple(LEARNING)
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_RANKS = 4096
-log = logging.getLogger(__name__)
-
-
-def _snake(kind: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
 
 
 def _finite(v: Any) -> float | None:
@@ -109,8 +90,6 @@ class RunMetrics:
         self.gpu = gpu if gpu is not None else GpuMetrics()
         self.registry = CollectorRegistry(auto_describe=True)
         self._extra: list[Any] = []
-        self.listeners: list[Any] = []  # also get on_event(ev, restart_reason) and on_step(rec)
-        self.last_restart_reason = ""
         self._lock = threading.Lock()
         self._ranks: dict[tuple[str, int], _Rank] = {}
         self._straggler: dict[tuple[str, int], float] = {}
@@ -119,8 +98,6 @@ class RunMetrics:
         self._dropped: dict[tuple[int, str, int], int] = {}
         self._attempt = 0
         self._max_step = 0
-        self._cause = ""  # why the current attempt ended, for restarts_total{reason}
-        self._detected = ""  # the daemon's newest detection in this attempt
         self._run_id = ""
         self._started = clock()
         self._define(CollectorRegistry(auto_describe=True))
@@ -258,11 +235,6 @@ class RunMetrics:
         self._count(self.rollout_tokens.labels("prompt"), rec.get("prompt_tokens"))
         self._count(self.train_tokens, rec.get("train_tokens"))
         self._productive(rec, step)
-        for listener in self.listeners:
-            try:
-                listener.on_step(rec)
-            except Exception:
-                log.exception("metrics listener failed on step %s", step)
 
     def _productive(self, rec: dict[str, Any], step: int) -> None:
         # A step redone after a restart made no new progress: count each step number once.
@@ -333,34 +305,17 @@ class RunMetrics:
         self._dropped = {k: v for k, v in self._dropped.items() if k[0] >= attempt}
         self.collectives.forget_before(attempt)
 
-    def on_event(self, ev: dict[str, Any]) -> None:
-        """A run event: from the ranks (tailed), the supervisor itself, or the detector."""
+    def on_event(self, ev: dict[str, Any], restart_reason: str = "") -> None:
+        """A run event; ``restart_reason``: the newest restart's, as ``daemon.causes`` classified it."""
         kind = str(ev.get("kind", ""))
-        snake = _snake(kind)
         data = ev.get("data") or {}
         sev = str(ev.get("severity", "info"))
         self.events.labels(sev if sev in SEVERITIES else "info").inc()
         if kind == "attempt_launched" and ev.get("attempt") is not None:
             with self._lock:
                 self._new_attempt(max(self._attempt, int(ev["attempt"])))
-            self._cause = self._detected = ""
-        elif snake in DETECTIONS:
-            self._detected = "collective_hang" if snake in HANG_KINDS else snake
-        elif kind == "attempt_killed":
-            # The daemon ended the attempt: the cause is what it detected just before.
-            self._cause = self._detected or self._cause
-        elif kind == "attempt_failed":
-            self._cause = self._cause or str(data.get("cause", ""))
-        elif kind == "attempt_ended":
-            cause = data.get("cause")
-            if isinstance(cause, dict) and not self._cause:
-                self._cause = str(cause.get("cause", ""))
-            if not self._cause and "vanished" in str(ev.get("message", "")):
-                self._cause = "vanished"
         elif kind == "restart_scheduled":
-            self.last_restart_reason = self._restart_reason()
-            self.restarts.labels(self.last_restart_reason).inc()
-            self._cause = self._detected = ""
+            self.restarts.labels(restart_reason if restart_reason in RESTART_REASONS else "other").inc()
         elif kind == "checkpoint_committed":
             self.checkpoints.labels("committed").inc()
             if (total := _finite(data.get("total_s"))) is not None and total >= 0:
@@ -368,19 +323,8 @@ class RunMetrics:
             self.last_ckpt_ts.set(_finite(ev.get("ts")) or self.clock())
         elif kind in ("checkpoint_failed", "checkpoint_skipped"):
             self.checkpoints.labels(kind.removeprefix("checkpoint_")).inc()
-        if snake in HANG_KINDS:
+        if snake(kind) in HANG_KINDS:
             self.hangs.inc()
-        for listener in self.listeners:
-            try:
-                listener.on_event(ev, self.last_restart_reason)
-            except Exception:  # a listener's bug must not cost the supervisor its tick
-                log.exception("metrics listener failed on %s", kind)
-
-    def _restart_reason(self) -> str:
-        cause = _snake(self._cause)
-        if cause in HANG_KINDS:
-            return "collective_hang"
-        return cause if cause in RESTART_REASONS else "other"
 
     def set_straggler_score(self, rank: int, score: float, role: str = "trainer") -> None:
         """The detector's score of a rank (1 = typical); a non-finite score is counted, not shown."""

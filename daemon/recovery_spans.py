@@ -46,7 +46,7 @@ class _ToReceiver:
 
 
 class RecoveryTracer:
-    """Fed the run's events and step records (as ``RunMetrics`` listeners are)."""
+    """Fed the run's events and step records (a subscriber of the daemon's event bus)."""
 
     def __init__(self, receiver: TraceReceiver, run_id: Callable[[], str]) -> None:
         self.receiver, self.run_id = receiver, run_id

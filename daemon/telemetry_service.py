@@ -19,6 +19,7 @@ from milepost.engine.gpu import GpuCollector
 from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel, ConfigDict, Field
 
+from .bus import EventBus
 from .gpu_metrics import GpuMetrics
 from .metrics import RunMetrics
 from .otlp_receiver import JSON, MAX_PAYLOAD, PROTOBUF, PayloadError, TraceReceiver
@@ -33,6 +34,7 @@ class Telemetry:
     metrics: RunMetrics
     traces: TraceReceiver
     gpu: GpuCollector | None = None
+    bus: EventBus | None = None  # the supervisor publishes to it; metrics and tracer subscribe
 
     @classmethod
     def for_daemon(
@@ -50,8 +52,10 @@ class Telemetry:
         metrics.seed(steps())
         traces = TraceReceiver(env=env)
         metrics.add_collector(traces)
-        metrics.listeners.append(RecoveryTracer(traces, metrics.run_id))
-        return cls(metrics=metrics, traces=traces, gpu=gpu)
+        bus = EventBus()
+        bus.subscribe(metrics)
+        bus.subscribe(RecoveryTracer(traces, metrics.run_id))
+        return cls(metrics=metrics, traces=traces, gpu=gpu, bus=bus)
 
     @classmethod
     def standalone(cls) -> Telemetry:

@@ -2,7 +2,7 @@
 
 The app runs on a real uvicorn server on 127.0.0.1 over a real Store, with reads behind the
 token too, so every operation is exercised past authentication: once with a fake controller
-(every path answers) and once with the daemon's real Supervisor (its own ingest, control and
+(every path answers) and once with the daemon's real Supervisor's controller (its own ingest, control and
 fault handling; no attempt is launched, so writes that need one answer 409).
 """
 
@@ -47,7 +47,7 @@ def _real_supervisor(store: Store, run_dir: Path) -> Any:
 
     return Supervisor(
         job="job.toml", run_dir=run_dir, ops=OpsView(), store=store, token=TOKEN, api_url="http://x"
-    )
+    ).controller
 
 
 @pytest.fixture(scope="module", params=["fake", "supervisor"])

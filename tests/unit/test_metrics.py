@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from milepost.daemon.api import create_app
+from milepost.daemon.bus import EventBus
 from milepost.daemon.collective_metrics import busbw_factor, normalize_op
 from milepost.daemon.metrics import RunMetrics
 from milepost.daemon.store import Store
@@ -107,13 +108,15 @@ def feed_everything(m: RunMetrics) -> None:
     m.on_report(report(rank=0, collectives=coll, open_collectives=[{"op": "all_gather"}]))
     m.on_report(report(role="driver", timings={"step": 2.0, "rollout": 0.5}))
     m.on_report(report(role="rollout", host="node-b", gpus=recorded_gpu_snapshot("node-b")))
+    bus = EventBus()  # as the supervisor publishes: the bus classifies restart reasons
+    bus.subscribe(m)
     for ev in (
         {"kind": "attempt_failed", "data": {"cause": "actor_died"}},
         {"kind": "restart_scheduled", "severity": "warning"},
         {"kind": "checkpoint_committed", "ts": T0, "data": {"total_s": 1.25}},
         {"kind": "CollectiveHang", "severity": "critical"},
     ):
-        m.on_event(ev)
+        bus.event(ev)
     m.set_straggler_score(1, 2.5)
     m.set_alerts_firing({"MilepostStalled": 1})
     m.on_notification("webhook", "sent")
@@ -270,11 +273,13 @@ def test_restart_reasons_name_the_cause(m: RunMetrics) -> None:
         "actor_error": ["Straggler", "attempt_failed:actor_error", "attempt_ended", "restart_scheduled"],
         "other": ["attempt_ended", "restart_scheduled"],
     }
+    bus = EventBus()
+    bus.subscribe(m)
     for attempt, (reason, kinds) in enumerate(sequences.items()):
-        m.on_event({"kind": "attempt_launched", "attempt": attempt})
+        bus.event({"kind": "attempt_launched", "attempt": attempt})
         for k in kinds:
             kind, _, cause = k.partition(":")
-            m.on_event({"kind": kind, "data": {"cause": cause} if cause else {}})
+            bus.event({"kind": kind, "data": {"cause": cause} if cause else {}})
         assert value(m, "milepost_restarts_total", reason=reason) == 1, reason
     assert value(m, "milepost_hangs_detected_total") == 1
     assert value(m, "milepost_attempt") == len(sequences) - 1

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from milepost.daemon.api import create_app
+from milepost.daemon.bus import EventBus
 from milepost.daemon.metrics import RunMetrics
 from milepost.daemon.otlp_receiver import SpanRing, TraceReceiver, forward_target
 from milepost.daemon.recovery_spans import RecoveryTracer
@@ -229,7 +230,9 @@ def test_a_dead_forward_target_never_blocks_the_receiver(daemon: Any) -> None:
 def test_the_daemon_traces_each_recovery_from_failure_to_the_next_step() -> None:
     receiver = TraceReceiver(env={})
     m = RunMetrics(run_info=lambda: {"id": "run-r"})
-    m.listeners.append(RecoveryTracer(receiver, m.run_id))
+    bus = EventBus()
+    bus.subscribe(m)
+    bus.subscribe(RecoveryTracer(receiver, m.run_id))
     for ev in (
         {"kind": "attempt_launched", "attempt": 0, "ts": 90.0},
         {"kind": "attempt_failed", "attempt": 0, "ts": 99.0, "data": {"cause": "actor_died"}},
@@ -238,9 +241,9 @@ def test_the_daemon_traces_each_recovery_from_failure_to_the_next_step() -> None
         {"kind": "attempt_launched", "attempt": 1, "ts": 101.5},
         {"kind": "resume_verified", "attempt": 1, "ts": 105.0, "step": 4},
     ):
-        m.on_event(ev)
+        bus.event(ev)
     assert len(receiver.ring) == 0  # still recovering
-    m.on_step({"step": 5, "attempt": 1, "ts": 110.0, "step_s": 1.0})
+    bus.step({"step": 5, "attempt": 1, "ts": 110.0, "step_s": 1.0})
     (summary,) = receiver.ring.recent()
     (span,) = receiver.ring.trace(summary["trace_id"])
     assert span["name"] == "recovery" and span["duration_s"] == pytest.approx(10.0)

@@ -1,0 +1,60 @@
+"""Evidence of a diagnosed hang, saved in ``<run_dir>/diagnostics/diagnosis_N/``.
+
+Stacks of every rank of the attempt (``py-spy dump``, one thread per rank, all at once so
+the stacks are of the same moment), and the list of the flight-recorder dumps the ranks
+wrote for that attempt (``diagnostics/fr_attempt<N>_*.json``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+PY_SPY_TIMEOUT_S = 10.0
+JOIN_TIMEOUT_S = 15.0
+
+
+def collect(
+    run_dir: Path, diag_id: int, attempt: int, ranks: list[dict[str, Any]], *, stacks: bool
+) -> dict[str, Any]:
+    """``ranks``: the store's rank rows; those of ``attempt`` with a pid are dumped when ``stacks``."""
+    out = run_dir / "diagnostics" / f"diagnosis_{diag_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    evidence: dict[str, Any] = {"dir": str(out), "stacks": {}, "flight_recorder": []}
+    if stacks:
+        threads = []
+        for r in ranks:
+            if r["attempt"] != attempt or not r["data"].get("pid"):
+                continue
+            name = f"{r['role']}{r['rank']}"
+            t = threading.Thread(
+                target=py_spy, args=(int(r["data"]["pid"]), out / f"stack_{name}.txt"), daemon=True
+            )
+            t.start()
+            threads.append((name, t))
+        for name, t in threads:
+            t.join(timeout=JOIN_TIMEOUT_S)
+            evidence["stacks"][name] = str(out / f"stack_{name}.txt")
+    prefix = f"fr_attempt{attempt}_"
+    evidence["flight_recorder"] = sorted(str(p) for p in (run_dir / "diagnostics").glob(prefix + "*.json"))
+    return evidence
+
+
+def py_spy(pid: int, dest: Path) -> None:
+    """Writes ``py-spy dump`` of ``pid`` (or why it failed) to ``dest``."""
+    exe = Path(sys.executable).with_name("py-spy")
+    cmd = [str(exe) if exe.exists() else "py-spy", "dump", "--pid", str(pid)]
+    text = ""
+    for _ in range(2):  # py-spy sometimes misses the interpreter on its first look
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=PY_SPY_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            text = f"py-spy failed: {e!r}"
+            continue
+        text = res.stdout or res.stderr
+        if res.returncode == 0:
+            break
+    dest.write_text(text)

@@ -1,0 +1,162 @@
+"""Starting attempt processes, and the warm standby that makes a restart fast.
+
+An attempt is one engine driver process (``milepost engine JOB --attempt N``) in a session
+of its own, so it outlives the daemon (separate failure domains); its output goes to
+``attempts/attempt_N.log``. Processes are forked by the launcher's own thread: a child
+inherits the niceness of the thread that forks it, and the daemon's threads may run at
+the telemetry niceness (``daemon.main``), while attempts must run at full priority.
+
+The warm standby is the next attempt started ahead (imports done, Ray up) with
+``--standby-dir``: it waits for a ``go`` file there, and writes ``ready`` when it can
+take over. Its pid is kept in the store (offset ``standby_pid``) so that a restarted
+daemon can end a standby no one will ever start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import procs
+
+STANDBY_MARKER = "--standby-dir"  # in a standby's command line
+
+
+class Launcher:
+    def __init__(
+        self,
+        *,
+        job: str,
+        run_dir: Path,
+        token: str,
+        api_url: str,
+        ray_address: str | None = None,
+        run_id: Callable[[], str] = lambda: "",
+    ) -> None:
+        self.job, self.run_dir, self.token, self.api_url = job, run_dir, token, api_url
+        self.ray_address, self.run_id = ray_address, run_id
+        # Made here, by the thread that builds the supervisor: its priority is the one children get.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milepost-launcher")
+        self._thread.submit(lambda: None).result()
+
+    def command(self, n: int, standby_dir: Path | None = None) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "milepost.engine.cli",
+            "engine",
+            self.job,
+            "--run-dir",
+            str(self.run_dir),
+            "--attempt",
+            str(n),
+            "--daemon-url",
+            self.api_url,
+            "--elastic",
+            "--no-progress",
+        ]
+        if self.ray_address:
+            cmd += ["--ray-address", self.ray_address]
+        if standby_dir is not None:
+            cmd += [STANDBY_MARKER, str(standby_dir)]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "MILEPOST_TOKEN": self.token,
+            "PYTHONUNBUFFERED": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MILEPOST_RUN_ID": self.run_id(),  # a trace resource attribute
+        }
+        env.setdefault("RAY_AUTH_MODE", "disabled")
+        return env
+
+    def spawn(self, n: int, standby_dir: Path | None = None) -> subprocess.Popen[bytes]:
+        """Starts attempt ``n`` (as a standby waiting in ``standby_dir`` when given)."""
+        logs = self.run_dir / "attempts"
+        logs.mkdir(exist_ok=True)
+        with (logs / f"attempt_{n}.log").open("ab") as out:
+            # A session of its own: the attempt outlives the daemon (separate failure domains).
+            return self.popen(
+                self.command(n, standby_dir),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                start_new_session=True,
+                cwd=os.getcwd(),
+            )
+
+    def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen`` from the launcher thread: the child gets the launcher's
+        priority, whatever the niceness of the calling thread."""
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(cmd, **kwargs)
+
+        return self._thread.submit(start).result()
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=False)
+
+
+class Offsets(Protocol):
+    def offset(self, name: str) -> int: ...
+    def set_offset(self, name: str, value: int) -> None: ...
+
+
+@dataclass
+class Standby:
+    attempt: int
+    dir: Path
+    proc: subprocess.Popen[bytes]
+
+    def ready(self) -> bool:
+        return self.proc.poll() is None and (self.dir / "ready").exists()
+
+
+class WarmStandby:
+    """At most one standby attempt: spawned, taken over through its go file, or dropped."""
+
+    def __init__(self, launcher: Launcher, offsets: Offsets) -> None:
+        self.launcher, self.offsets = launcher, offsets
+        self.held: Standby | None = None
+
+    def end_orphan(self) -> None:
+        """Ends a standby of a previous daemon: it waits for a go file that no one will write."""
+        orphan = self.offsets.offset("standby_pid")
+        if orphan and procs.runs(orphan, STANDBY_MARKER):
+            procs.kill_group(orphan)
+
+    def spawn(self, n: int) -> None:
+        where = self.launcher.run_dir / "attempts" / f"standby_{n}"
+        if where.exists():
+            shutil.rmtree(where, ignore_errors=True)
+        self.held = Standby(n, where, self.launcher.spawn(n, where))
+        self.offsets.set_offset("standby_pid", self.held.proc.pid)
+
+    def take(self, n: int) -> subprocess.Popen[bytes] | None:
+        """The standby's process, told to go, when it is attempt ``n`` and ready; else None."""
+        sb = self.held
+        if sb is None or sb.attempt != n or not sb.ready():
+            return None
+        (sb.dir / "go").touch()
+        self.held = None
+        return sb.proc
+
+    def drop(self) -> None:
+        if self.held is not None:
+            procs.kill_group(self.held.proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.held.proc.wait(timeout=10)
+            self.held = None
+            self.offsets.set_offset("standby_pid", 0)
