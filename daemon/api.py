@@ -27,7 +27,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from milepost.daemon.api_models import (
     Attempts,
     Checkpoints,
-    ControlAction,
     ControlResult,
     Diagnoses,
     ErrorBody,
@@ -45,6 +44,7 @@ from milepost.daemon.store import Store
 from milepost.daemon.telemetry import Telemetry
 from milepost.daemon.telemetry import install_routes as install_telemetry_routes
 from milepost.daemon.traces import MAX_PAYLOAD
+from milepost.engine.contract.enums import ControlAction
 from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, INGEST_PATH
 from milepost.engine.contract.wire import I64_MAX, FaultRequest, IngestBatch
 from pydantic import BaseModel, ValidationError

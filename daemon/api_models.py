@@ -1,6 +1,7 @@
-"""Pydantic models of the daemon's HTTP API responses and of the control action.
+"""Pydantic models of the daemon's HTTP API responses.
 
-The request bodies (rank reports, faults) are the contract's: milepost.engine.contract.wire.
+The request bodies (rank reports, faults) and the control action are the contract's
+(milepost.engine.contract.wire, milepost.engine.contract.enums).
 
 Response models allow extra keys, so the controller and the store can add fields without
 an API change; the fields named here are the documented contract (see /openapi.json).
@@ -8,17 +9,9 @@ an API change; the fields named here are the documented contract (see /openapi.j
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class ControlAction(StrEnum):
-    pause = "pause"
-    resume = "resume"
-    stop = "stop"
-    checkpoint = "checkpoint"
 
 
 # -- responses ----------------------------------------------------------------

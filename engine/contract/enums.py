@@ -71,3 +71,12 @@ class RankStatus(StrEnum):
 
     RUNNING = "running"
     EXITED = "exited"
+
+
+class ControlAction(StrEnum):
+    """What ``POST /api/v1/control/{action}`` asks; the driver reads it from its ingest responses."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+    CHECKPOINT = "checkpoint"
