@@ -62,6 +62,10 @@ class StepResult:
     prompt_tokens: int = 0
     trace_id: str = ""  # the step's OpenTelemetry trace: an exemplar on the daemon's step histograms
 
+    def record(self, attempt: int) -> dict[str, Any]:
+        """This step's line of steps.jsonl: the contract's StepRecord."""
+        return {"attempt": attempt, "ts": time.time(), **asdict(self)}
+
 
 @dataclass
 class RunResult:
@@ -449,9 +453,7 @@ class Engine:
                     res = self._step(step)
                     results.append(res)
                     final_step = step
-                    steps_log.write(
-                        json.dumps({"attempt": self.attempt, "ts": time.time(), **asdict(res)}) + "\n"
-                    )
+                    steps_log.write(json.dumps(res.record(self.attempt)) + "\n")
                     steps_log.flush()
                     if self.on_step is not None:
                         self.on_step(res)
