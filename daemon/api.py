@@ -25,19 +25,15 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from milepost.daemon.api_models import (
-    I64_MAX,
     Attempts,
     Checkpoints,
-    ControlAction,
     ControlResult,
     Diagnoses,
     ErrorBody,
     Events,
-    FaultRequest,
     FaultResult,
     Goodput,
     Health,
-    IngestBatch,
     IngestResult,
     Ranks,
     Status,
@@ -48,12 +44,14 @@ from milepost.daemon.otlp_receiver import MAX_PAYLOAD
 from milepost.daemon.store import Store
 from milepost.daemon.telemetry_service import Telemetry
 from milepost.daemon.telemetry_service import install_routes as install_telemetry_routes
+from milepost.engine.contract.enums import ControlAction
+from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, INGEST_PATH
+from milepost.engine.contract.wire import I64_MAX, FaultRequest, IngestBatch
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-API = "/api/v1"
 MAX_EVENTS = 5000
 MAX_STEPS = 10000
 T = TypeVar("T")
@@ -232,7 +230,7 @@ def create_app(
     read_deps = [auth] if require_token_for_reads else []
     read_errors = _ERRORS if require_token_for_reads else {}
 
-    @app.get("/healthz", response_model=Health, tags=["health"])
+    @app.get(HEALTHZ_PATH, response_model=Health, tags=["health"])
     def healthz() -> dict[str, Any]:
         return {"ok": True}
 
@@ -282,14 +280,14 @@ def create_app(
         return {"diagnoses": json_safe(controller.diagnoses())}
 
     @app.post(
-        f"{API}/faults",
+        FAULTS_PATH,
         response_model=FaultResult,
         dependencies=[auth],
         responses={**_ERRORS, 409: {"model": ErrorBody, "description": "no attempt to inject into"}},
     )
     def faults(fault: FaultRequest) -> dict[str, Any]:
         try:
-            return json_safe(controller.inject(fault.model_dump()))
+            return json_safe(controller.inject(fault.model_dump(mode="json")))
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
 
@@ -312,7 +310,7 @@ def create_app(
     app.router.on_shutdown.append(hot.close)
 
     @app.post(
-        f"{API}/ingest",
+        INGEST_PATH,
         response_model=IngestResult,
         dependencies=[auth],
         responses={
@@ -323,14 +321,14 @@ def create_app(
         },
     )
     async def ingest(request: Request) -> Response:
-        """Rank reports (milepost.engine.wire); the answer carries control requests and faults."""
+        """Rank reports (milepost.engine.contract.wire.Report); the answer carries control requests and faults."""
         batch = validate_body(IngestBatch, await read_body(request))
         try:
             return json_response(await hot.run(controller.ingest, batch.model_dump()))
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
 
-    _body_schema(app, f"{API}/ingest", IngestBatch)
+    _body_schema(app, INGEST_PATH, IngestBatch)
 
     install_telemetry_routes(
         app,

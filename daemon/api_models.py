@@ -1,4 +1,7 @@
-"""Pydantic models of the daemon's HTTP API: the rank-report ingest body and every response.
+"""Pydantic models of the daemon's HTTP API responses.
+
+The request bodies (rank reports, faults) and the control action are the contract's
+(milepost.engine.contract.wire, milepost.engine.contract.enums).
 
 Response models allow extra keys, so the controller and the store can add fields without
 an API change; the fields named here are the documented contract (see /openapi.json).
@@ -6,108 +9,9 @@ an API change; the fields named here are the documented contract (see /openapi.j
 
 from __future__ import annotations
 
-from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-# SQLite integers are signed 64-bit: anything wider would fail in the store, not in validation.
-I64_MAX = 2**63 - 1
-NonNegI64 = Annotated[int, Field(ge=0, le=I64_MAX)]
-I64 = Annotated[int, Field(ge=-I64_MAX - 1, le=I64_MAX)]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Name = Annotated[str, Field(max_length=256)]
-
-MAX_REPORTS = 5000
-MAX_ITEMS = 1024
-
-
-class ControlAction(StrEnum):
-    pause = "pause"
-    resume = "resume"
-    stop = "stop"
-    checkpoint = "checkpoint"
-
-
-# -- ingest (rank -> daemon) --------------------------------------------------
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class OpenCollective(_Wire):
-    op: Name
-    group: Name
-    seq: NonNegI64
-    nbytes: NonNegI64 = 0
-    dtype: Name = ""
-    enter_ts: FiniteFloat
-
-
-class CollectiveSummary(_Wire):
-    count: NonNegI64 = 0
-    seconds: FiniteFloat = 0.0
-    bytes: NonNegI64 = 0
-    world: NonNegI64 = 0
-    p99_s: FiniteFloat = 0.0
-
-
-class GpuDevice(_Wire):
-    """One GPU as the rank's NVML collector saw it (milepost.engine.gpu)."""
-
-    index: Annotated[int, Field(ge=0, le=1023)]
-    uuid: Name = ""
-    name: Name = ""
-    utilization: FiniteFloat | None = None
-    memory_used_bytes: NonNegI64 | None = None
-    memory_total_bytes: NonNegI64 | None = None
-    power_watts: FiniteFloat | None = None
-    temperature_celsius: FiniteFloat | None = None
-    ecc_errors: dict[Name, NonNegI64] = Field(default_factory=dict, max_length=8)
-    xid_errors: dict[Name, NonNegI64] = Field(default_factory=dict, max_length=256)
-    nvlink_tx_bytes: NonNegI64 | None = None
-    nvlink_rx_bytes: NonNegI64 | None = None
-
-
-class GpuSnapshot(_Wire):
-    up: Annotated[int, Field(ge=0, le=1)]
-    reason: Name
-    node: Name = ""
-    devices: list[GpuDevice] = Field(default_factory=list, max_length=64)
-
-
-class Report(_Wire):
-    """One rank's periodic report: liveness, progress and every collective it is inside."""
-
-    v: I64
-    attempt: NonNegI64
-    role: Literal["driver", "trainer", "rollout"]
-    rank: NonNegI64
-    seq: NonNegI64
-    ts: FiniteFloat
-    pid: I64
-    host: Name
-    step: NonNegI64
-    phase: Name
-    state: Name
-    open_collectives: list[OpenCollective] = Field(default_factory=list, max_length=MAX_ITEMS)
-    # NaN is a legitimate metric value (a diverged loss); the daemon must see it, not reject it.
-    timings: dict[str, float] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    metrics: dict[str, float] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    counters: dict[str, I64] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    gpus: GpuSnapshot | None = None  # the rank's node, when the rank runs an NVML collector
-    coll_entered: dict[str, NonNegI64] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    coll_completed: dict[str, NonNegI64] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    collectives: dict[str, CollectiveSummary] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    # [group, seq, op, enter_ts, duration_s] of recently closed collectives
-    recent_collectives: list[tuple[Name, NonNegI64, Name, FiniteFloat, FiniteFloat]] = Field(
-        default_factory=list, max_length=MAX_ITEMS
-    )
-    compute: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    compute_hist: list[tuple[NonNegI64, FiniteFloat]] = Field(default_factory=list, max_length=MAX_ITEMS)
-
-
-class IngestBatch(_Wire):
-    reports: list[Report] = Field(max_length=MAX_REPORTS)
 
 
 # -- responses ----------------------------------------------------------------
@@ -241,30 +145,6 @@ class DiagnosisView(_Open):
 
 class Diagnoses(BaseModel):
     diagnoses: list[DiagnosisView]
-
-
-FaultKind = Literal[
-    "kill",
-    "exit",
-    "exception",
-    "hang",
-    "stall",
-    "skip-collective",
-    "slow",
-    "nan",
-    "rollout-crash",
-    "corrupt-checkpoint",
-]
-
-
-class FaultRequest(_Wire):
-    """A fault for one rank of the running attempt; it fires at its next step boundary at or after ``step``."""
-
-    kind: FaultKind
-    role: Literal["driver", "trainer", "rollout"] = "trainer"
-    rank: Annotated[int, Field(ge=0, le=1_000_000)] = 0
-    step: Annotated[int, Field(ge=0, le=I64_MAX)] = 0
-    factor: Annotated[float, Field(ge=1.0, le=1000.0)] = 1.5
 
 
 class FaultResult(_Open):

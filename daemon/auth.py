@@ -12,12 +12,14 @@ import os
 import secrets
 from pathlib import Path
 
-TOKEN_ENV = "MILEPOST_TOKEN"
-TOKEN_FILE = "token"
+from milepost.engine.contract.layout import TOKEN_FILE, RunDir
+from milepost.engine.contract.process import TOKEN_ENV
+
+__all__ = ["TOKEN_ENV", "load_or_create_token", "read_token", "token_path", "tokens_equal"]
 
 
 def token_path(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / TOKEN_FILE
+    return RunDir(run_dir).token
 
 
 def read_token(run_dir: str | os.PathLike[str] | None = None) -> str | None:

@@ -27,6 +27,9 @@ from pathlib import Path
 
 from milepost.engine.contract.cli import command_parser, run_command
 from milepost.engine.contract.config import ConfigError, load_ops_view
+from milepost.engine.contract.enums import Role
+from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.routes import STATUS_PATH
 
 # Commands other packages own: name -> (module with main(argv), help line).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,7 +49,7 @@ def _run_dir(job: str | None, given: str | None) -> Path:
 def _cmd_run(args: argparse.Namespace) -> int:
     from milepost.engine.contract.config import load_job  # full validation before the daemon starts
 
-    from .main import DAEMON_FILE, daemon_running
+    from .main import daemon_running
 
     try:
         load_job(args.job)
@@ -65,29 +68,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cmd.append("--exit-when-done")
     if not args.detach:
         print(
-            f"milepost: supervising {args.job} in {run_dir}; the API URL is in {run_dir / DAEMON_FILE}",
+            f"milepost: supervising {args.job} in {run_dir}; the API URL is in {RunDir(run_dir).daemon_file}",
             flush=True,
         )
         # A fresh interpreter: the daemon itself never imports torch.
         os.execv(sys.executable, cmd)
-    with (run_dir / "daemon.out").open("ab") as out:
+    rd = RunDir(run_dir)
+    with rd.daemon_out.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
-            info = json.loads((run_dir / DAEMON_FILE).read_text())
+            info = json.loads(rd.daemon_file.read_text())
             if info.get("pid") == proc.pid:
                 print(f"milepost: daemon pid {proc.pid} at {info['url']} (run dir {run_dir})")
                 print(f"  status:  milepost status --run-dir {run_dir}")
-                print(f"  api:     {info['url']}/api/v1/status   (token in {run_dir / 'token'})")
+                print(f"  api:     {info['url']}{STATUS_PATH}   (token in {rd.token})")
                 return 0
         except (OSError, ValueError):
             pass
         if proc.poll() is not None:
-            print(f"milepost: the daemon exited with code {proc.returncode}; see {run_dir / 'daemon.out'}")
+            print(f"milepost: the daemon exited with code {proc.returncode}; see {rd.daemon_out}")
             return 1
         time.sleep(0.2)
-    print(f"milepost: the daemon did not come up in 30 s; see {run_dir / 'daemon.out'}", file=sys.stderr)
+    print(f"milepost: the daemon did not come up in 30 s; see {rd.daemon_out}", file=sys.stderr)
     return 1
 
 
@@ -166,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill | exit | exception | hang | stall | skip-collective | slow:FACTOR | nan | rollout-crash | "
         "corrupt-checkpoint",
     )
-    i.add_argument("--role", default="trainer", choices=["trainer", "rollout", "driver"])
+    i.add_argument(
+        "--role",
+        default=Role.TRAINER.value,
+        choices=[r.value for r in (Role.TRAINER, Role.ROLLOUT, Role.DRIVER)],
+    )
     i.add_argument("--step", type=int, default=0, help="fire at this step or later (default: the next step)")
     i.add_argument("--run-dir", default=None)
     i.set_defaults(func=_cmd_inject)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 from milepost.daemon.auth import read_token
-
-DAEMON_FILE = "daemon.json"
-API = "/api/v1"
+from milepost.engine.contract.enums import Role
+from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, STATUS_PATH, control_path
 
 
 class DaemonError(Exception):
@@ -38,7 +37,7 @@ class DaemonUnreachable(DaemonError):
 
 def read_daemon_file(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``<run_dir>/daemon.json`` (url, pid, started_at); DaemonUnreachable if absent or unreadable."""
-    path = Path(run_dir) / DAEMON_FILE
+    path = RunDir(run_dir).daemon_file
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -101,10 +100,10 @@ class DaemonClient:
 
     # -- reads ----------------------------------------------------------------
     def healthz(self) -> dict[str, Any]:
-        return dict(self._request("GET", "/healthz"))
+        return dict(self._request("GET", HEALTHZ_PATH))
 
     def status(self) -> dict[str, Any]:
-        return dict(self._request("GET", f"{API}/status"))
+        return dict(self._request("GET", STATUS_PATH))
 
     def goodput(self) -> dict[str, Any]:
         return dict(self._request("GET", f"{API}/goodput"))
@@ -143,12 +142,12 @@ class DaemonClient:
 
     # -- writes ---------------------------------------------------------------
     def inject(
-        self, kind: str, *, role: str = "trainer", rank: int = 0, step: int = 0, factor: float = 1.5
+        self, kind: str, *, role: str = Role.TRAINER, rank: int = 0, step: int = 0, factor: float = 1.5
     ) -> dict[str, Any]:
         """Queues a fault for a rank of the running attempt; DaemonError 409 when none runs."""
         body = {"kind": kind, "role": role, "rank": rank, "step": step, "factor": factor}
-        return dict(self._request("POST", f"{API}/faults", body=body))
+        return dict(self._request("POST", FAULTS_PATH, body=body))
 
     def control(self, action: str) -> dict[str, Any]:
         """pause | resume | stop | checkpoint; DaemonError 409 when the run's state forbids it."""
-        return dict(self._request("POST", f"{API}/control/{quote(action, safe='')}"))
+        return dict(self._request("POST", control_path(quote(action, safe=""))))

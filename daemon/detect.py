@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from milepost.engine.contract.config import DetectionConfig
+from milepost.engine.contract.enums import RankStatus, Role
 
 Report = dict[str, Any]
 
@@ -83,7 +84,8 @@ class HangDetector:
         stale = [
             k
             for k, r in reports.items()
-            if now - float(r.get("ts", now)) > self.cfg.stale_heartbeat_s and r.get("state") != "exited"
+            if now - float(r.get("ts", now)) > self.cfg.stale_heartbeat_s
+            and r.get("state") != RankStatus.EXITED
         ]
         if stuck is None and stale:
             stuck = self._peer_wait(reports, stale, now)
@@ -91,9 +93,11 @@ class HangDetector:
             return self._frozen_without_collective(reports, stale, now, attempt_start_step)
         onset, group, seq, op, _ = stuck
         members = [
-            k for k, r in reports.items() if group in (r.get("coll_entered") or {}) or k[0] == "trainer"
+            k for k, r in reports.items() if group in (r.get("coll_entered") or {}) or k[0] == Role.TRAINER
         ]
-        members = [k for k in members if k[0] == "trainer" or group in (reports[k].get("coll_entered") or {})]
+        members = [
+            k for k in members if k[0] == Role.TRAINER or group in (reports[k].get("coll_entered") or {})
+        ]
         phases = {_who(k): f"{reports[k].get('phase')}@{reports[k].get('step')}" for k in reports}
         entered = [k for k in members if (reports[k].get("coll_entered") or {}).get(group, 0) >= seq]
         missing = [k for k in members if k not in entered]

@@ -21,7 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-DAEMON_FILE = "daemon.json"
+from milepost.engine.contract.enums import Role
+from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.routes import METRICS_PATH, STATUS_PATH
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -39,7 +42,7 @@ def _pick_port(run_dir: Path, host: str, configured: int) -> int:
     if configured:
         return configured
     with contextlib.suppress(OSError, ValueError, KeyError):
-        previous = int(json.loads((run_dir / DAEMON_FILE).read_text())["port"])
+        previous = int(json.loads(RunDir(run_dir).daemon_file.read_text())["port"])
         if _port_free(host, previous):
             return previous
     with socket.socket() as s:
@@ -52,7 +55,7 @@ def daemon_running(run_dir: Path) -> dict[str, object] | None:
     from . import procs
 
     try:
-        info = json.loads((run_dir / DAEMON_FILE).read_text())
+        info = json.loads(RunDir(run_dir).daemon_file.read_text())
     except (OSError, ValueError):
         return None
     pid = int(info.get("pid", 0))
@@ -94,9 +97,9 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         run_info=store.run,
         steps=lambda: store.steps(limit=10**9),
         heartbeat_timeouts={
-            "driver": sv.heartbeat_timeout_driver_s,
-            "trainer": sv.heartbeat_timeout_trainer_s,
-            "rollout": sv.heartbeat_timeout_rollout_s,
+            Role.DRIVER: sv.heartbeat_timeout_driver_s,
+            Role.TRAINER: sv.heartbeat_timeout_trainer_s,
+            Role.ROLLOUT: sv.heartbeat_timeout_rollout_s,
         },
     )
     sup = Supervisor(
@@ -122,9 +125,10 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     )
 
     info = {"url": url, "port": port, "pid": os.getpid(), "started_at": time.time(), "job": sup.job}
-    tmp = run_dir / (DAEMON_FILE + ".tmp")
+    daemon_file = RunDir(run_dir).daemon_file
+    tmp = daemon_file.with_name(daemon_file.name + ".tmp")
     tmp.write_text(json.dumps(info))
-    os.replace(tmp, run_dir / DAEMON_FILE)
+    os.replace(tmp, daemon_file)
 
     def supervise() -> None:
         # Its ticks (tailing, detection) yield to training too; attempts are forked at full
@@ -141,11 +145,11 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
     print(
         f"\nmilepost daemon (pid {os.getpid()}) supervising {job}\n"
-        f"  status   {url}/api/v1/status     API docs {url}/docs\n"
-        f"  metrics  {url}/metrics\n"
+        f"  status   {url}{STATUS_PATH}     API docs {url}/docs\n"
+        f"  metrics  {url}{METRICS_PATH}\n"
         f"  summary  .venv/bin/milepost status --run-dir {run_dir}\n"
-        f"  token    {run_dir / 'token'} (needed for control: pause, resume, stop, checkpoint)\n"
-        f"  events   {run_dir / 'events.jsonl'}\n",
+        f"  token    {RunDir(run_dir).token} (needed for control: pause, resume, stop, checkpoint)\n"
+        f"  events   {RunDir(run_dir).events}\n",
         flush=True,
     )
     interrupted = False
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s daemon: %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "daemon.log")],
+        handlers=[logging.StreamHandler(), logging.FileHandler(RunDir(run_dir).daemon_log)],
     )
     return serve(args.job, run_dir, ray_address=args.ray_address, exit_when_done=args.exit_when_done)
 

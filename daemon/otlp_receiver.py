@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from milepost.engine.contract.routes import OTLP_TRACES_PATH
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def forward_target(env: Mapping[str, str]) -> str | None:
     if url := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
         return url
     if base := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
-        return base.rstrip("/") + "/v1/traces"
+        return base.rstrip("/") + OTLP_TRACES_PATH
     return None
 
 

@@ -13,9 +13,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from milepost.engine.contract.enums import Role
+from milepost.engine.contract.events import EventKind
+
 from .otlp_receiver import PROTOBUF, TraceReceiver
 
 log = logging.getLogger(__name__)
+
+_RUN_ENDED = (EventKind.RUN_FAILED, EventKind.RUN_STOPPED, EventKind.RUN_SUCCEEDED)
 
 
 def _ns(ts: Any) -> int:
@@ -63,9 +68,9 @@ class RecoveryTracer:
             resource = Resource.create(
                 {
                     "service.name": "milepost",
-                    "service.instance.id": "daemon",
+                    "service.instance.id": Role.DAEMON.value,
                     "milepost.run": self.run_id(),
-                    "milepost.role": "daemon",
+                    "milepost.role": Role.DAEMON.value,
                     "milepost.rank": 0,
                 }
             )
@@ -77,7 +82,7 @@ class RecoveryTracer:
     def on_event(self, ev: dict[str, Any], restart_reason: str = "") -> None:
         kind, data = ev.get("kind"), ev.get("data") or {}
         span = self._span
-        if kind == "attempt_ended" and span is None:
+        if kind == EventKind.ATTEMPT_ENDED and span is None:
             self._failed_attempt = int(ev.get("attempt") or 0)
             self._span = self._get_tracer().start_span(
                 "recovery",
@@ -89,20 +94,20 @@ class RecoveryTracer:
             )
         elif span is None:
             return
-        elif kind == "restart_scheduled":
+        elif kind == EventKind.RESTART_SCHEDULED:
             span.set_attribute("milepost.restart.reason", restart_reason or "other")
             span.set_attribute("milepost.restart.delay_s", float(data.get("delay_s", 0.0) or 0.0))
-            span.add_event("restart_scheduled", timestamp=_ns(ev.get("ts", time.time())))
-        elif kind == "attempt_launched":
+            span.add_event(EventKind.RESTART_SCHEDULED.value, timestamp=_ns(ev.get("ts", time.time())))
+        elif kind == EventKind.ATTEMPT_LAUNCHED:
             span.set_attribute("milepost.next_attempt", int(ev.get("attempt") or 0))
-            span.add_event("attempt_launched", timestamp=_ns(ev.get("ts", time.time())))
-        elif kind == "resume_verified":
+            span.add_event(EventKind.ATTEMPT_LAUNCHED.value, timestamp=_ns(ev.get("ts", time.time())))
+        elif kind == EventKind.RESUME_VERIFIED:
             span.set_attribute("milepost.resumed_from", int(ev.get("step") or 0))
-            span.add_event("resume_verified", timestamp=_ns(ev.get("ts", time.time())))
-        elif kind in ("run_failed", "run_stopped", "run_succeeded"):
+            span.add_event(EventKind.RESUME_VERIFIED.value, timestamp=_ns(ev.get("ts", time.time())))
+        elif kind in _RUN_ENDED:
             from opentelemetry.trace import Status, StatusCode
 
-            if kind == "run_failed":
+            if kind == EventKind.RUN_FAILED:
                 span.set_status(Status(StatusCode.ERROR, str(ev.get("message", ""))[:256]))
             span.end(end_time=_ns(ev.get("ts", time.time())))
             self._span = None

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from milepost.daemon.client import DaemonClient, DaemonError
-from milepost.daemon.store import DB_FILE, Store
+from milepost.daemon.store import Store
+from milepost.engine.contract.layout import RunDir
 
 N_EVENTS = 5
 _BADPUT = ("startup", "recovery", "lost_progress", "checkpoint_stall", "other")
@@ -117,7 +118,7 @@ def format_status(client: DaemonClient) -> str:
 
 def format_store(run_dir: str | Path) -> str:
     """What the run's SQLite store says, for when no daemon answers. Never creates a store."""
-    path = Path(run_dir) / DB_FILE
+    path = RunDir(run_dir).db
     if not path.exists():
         return f"no store at {path}"
     store = Store(run_dir)

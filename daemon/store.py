@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-DB_FILE = "milepost.db"
+from milepost.engine.contract.enums import Role
+from milepost.engine.contract.layout import RunDir
 
 # Version 1: the schema before versions (those databases have user_version 0 and these tables).
 _V1 = (
@@ -119,7 +120,7 @@ def _row(cur: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
 
 class Store:
     def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / DB_FILE
+        self.path = RunDir(run_dir).db
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -202,7 +203,7 @@ class Store:
                 ev.get("severity", "info"),
                 ev.get("message", ""),
                 ev.get("attempt"),
-                ev.get("role", "daemon"),
+                ev.get("role", Role.DAEMON),
                 ev.get("rank"),
                 ev.get("step"),
                 json.dumps(ev.get("data") or {}, default=str),

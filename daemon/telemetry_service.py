@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import Response
+from milepost.engine.contract.process import GPU_COLLECTOR_ENV
+from milepost.engine.contract.routes import API, METRICS_PATH, OTLP_TRACES_PATH
 from milepost.engine.gpu import GpuCollector
 from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,7 +27,6 @@ from .metrics import RunMetrics
 from .otlp_receiver import JSON, MAX_PAYLOAD, PROTOBUF, PayloadError, TraceReceiver
 from .recovery_spans import RecoveryTracer
 
-GPU_ENV = "MILEPOST_GPU_COLLECTOR"  # "0": no NVML collector in the daemon
 TRACE_ID = r"^[0-9a-f]{32}$"
 
 
@@ -47,7 +48,7 @@ class Telemetry:
     ) -> Telemetry:
         """The daemon's telemetry; ``steps`` seeds the totals with what the store already holds."""
         env = os.environ if env is None else env
-        gpu = None if env.get(GPU_ENV, "1") == "0" else GpuCollector().start()
+        gpu = None if env.get(GPU_COLLECTOR_ENV, "1") == "0" else GpuCollector().start()
         metrics = RunMetrics(run_info=run_info, heartbeat_timeouts=heartbeat_timeouts, gpu=GpuMetrics(gpu))
         metrics.seed(steps())
         traces = TraceReceiver(env=env)
@@ -117,13 +118,13 @@ def install_routes(
     read_errors: dict[int | str, dict[str, Any]],
     write_errors: dict[int | str, dict[str, Any]],
     worker: Any,
-    api: str = "/api/v1",
+    api: str = API,
 ) -> None:
     """``worker``: the API's HotWorker, which runs the OTLP decoding off the event loop."""
     from .api import json_safe, read_body
 
     @app.get(
-        "/metrics",
+        METRICS_PATH,
         dependencies=read_deps,
         responses={**read_errors, 200: {"content": {"text/plain": {}, "application/openmetrics-text": {}}}},
         response_class=Response,
@@ -134,7 +135,7 @@ def install_routes(
         return Response(encoder(telemetry.metrics.registry), media_type=content_type)
 
     @app.post(
-        "/v1/traces",
+        OTLP_TRACES_PATH,
         dependencies=[auth],
         responses={
             **write_errors,

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .contract.cli import command_parser, run_command
-
-EXIT_RESUME_MISMATCH = 3  # the loaded state does not match its manifest: restarting cannot help
-EXIT_NO_SLOTS = 4  # fewer free trainer slots than trainer.min_world_size
+from .contract.enums import Severity
+from .contract.events import EventKind
+from .contract.layout import StandbyDir
+from .contract.process import TOKEN_ENV, ExitCode
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -62,7 +63,7 @@ def _engine(args: argparse.Namespace) -> int:
         until_step=args.steps,
         on_step=None if args.no_progress else on_step,
         daemon_url=args.daemon_url,
-        token=os.environ.get("MILEPOST_TOKEN"),
+        token=os.environ.get(TOKEN_ENV),
     )
     print(f"milepost engine: job {args.job}, run dir {run_dir}, attempt {args.attempt}", file=sys.stderr)
     said: list[BaseException] = []
@@ -70,7 +71,9 @@ def _engine(args: argparse.Namespace) -> int:
     def say_failed(e: BaseException) -> None:
         said.append(e)
         _, data = _failure(e)
-        engine.events.emit("attempt_failed", f"attempt {args.attempt} failed: {e}", severity="error", **data)
+        engine.events.emit(
+            EventKind.ATTEMPT_FAILED, f"attempt {args.attempt} failed: {e}", severity=Severity.ERROR, **data
+        )
 
     engine.on_failure = say_failed
     try:
@@ -80,7 +83,7 @@ def _engine(args: argparse.Namespace) -> int:
         if e not in said:
             say_failed(e)
         print(f"milepost engine: attempt {args.attempt} failed: {e}", file=sys.stderr)
-        if code == 1 and not isinstance(e, Exception):
+        if code == ExitCode.ERROR and not isinstance(e, Exception):
             raise
         return code
     finally:
@@ -92,7 +95,7 @@ def _engine(args: argparse.Namespace) -> int:
     else:
         print(f"nothing to do: the run is already at step {result.final_step}")
     print(f"final state checksum {result.final_checksum}")
-    return 0
+    return ExitCode.OK
 
 
 def _standby(cfg: Any, where: Path, args: argparse.Namespace, run_dir: Path) -> None:
@@ -112,12 +115,13 @@ def _standby(cfg: Any, where: Path, args: argparse.Namespace, run_dir: Path) -> 
         attempt=args.attempt,
         world_size=args.world_size or cfg.trainer.world_size,
         daemon_url=args.daemon_url,
-        token=os.environ.get("MILEPOST_TOKEN"),
+        token=os.environ.get(TOKEN_ENV),
     )
-    where.mkdir(parents=True, exist_ok=True)
-    (where / "ready").write_text(str(os.getpid()))
+    standby = StandbyDir(where)
+    standby.path.mkdir(parents=True, exist_ok=True)
+    standby.ready.write_text(str(os.getpid()))
     daemon_pid = os.getppid()
-    while not (where / "go").exists():
+    while not standby.go.exists():
         if os.getppid() != daemon_pid:
             # The daemon that launched this standby is gone; a new one starts its own.
             sys.exit(0)
@@ -130,12 +134,12 @@ def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
     from .trainer import ResumeError
 
     if isinstance(e, ResumeError):
-        return EXIT_RESUME_MISMATCH, {"cause": "resume_verification_failed"}
+        return ExitCode.RESUME_MISMATCH, {"cause": "resume_verification_failed"}
     if isinstance(e, InsufficientSlots):
-        return EXIT_NO_SLOTS, {"cause": "insufficient_slots"}
+        return ExitCode.NO_SLOTS, {"cause": "insufficient_slots"}
     if isinstance(e, ActorFailure):
         return (
-            1,
+            ExitCode.ERROR,
             {
                 "cause": "actor_died" if e.died else "actor_error",
                 "role": e.role,
@@ -144,8 +148,8 @@ def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
             },
         )
     if isinstance(e, KeyboardInterrupt):
-        return 130, {"cause": "interrupted"}
-    return 1, {"cause": "driver_error", "error": type(e).__name__}
+        return ExitCode.INTERRUPTED, {"cause": "interrupted"}
+    return ExitCode.ERROR, {"cause": "driver_error", "error": type(e).__name__}
 
 
 def build_parser() -> argparse.ArgumentParser:

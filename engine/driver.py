@@ -29,6 +29,9 @@ from .backends.factory import rollout_worker_class
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
 from .contract.config import JobConfig
+from .contract.enums import ControlAction, Role, Severity
+from .contract.events import EventKind
+from .contract.layout import RunDir
 from .grpo import group_advantages
 from .rollout import WeightSyncError
 from .runtime import RankRuntime
@@ -38,7 +41,6 @@ from .trainer import ResumeError, TrainerRank
 
 log = logging.getLogger(__name__)
 
-STEPS_FILE = "steps.jsonl"
 _SYNC_ATTEMPTS = 3
 
 
@@ -60,6 +62,10 @@ class StepResult:
     rollout_samples: int = 0
     prompt_tokens: int = 0
     trace_id: str = ""  # the step's OpenTelemetry trace: an exemplar on the daemon's step histograms
+
+    def record(self, attempt: int) -> dict[str, Any]:
+        """This step's line of steps.jsonl: the contract's StepRecord."""
+        return {"attempt": attempt, "ts": time.time(), **asdict(self)}
 
 
 @dataclass
@@ -103,7 +109,7 @@ class Engine:
         self.task = Task(cfg.task)
         self.control = ControlInbox()
         self.rt = RankRuntime(
-            role="driver",
+            role=Role.DRIVER,
             rank=0,
             run_dir=str(self.run_dir),
             attempt=attempt,
@@ -138,21 +144,21 @@ class Engine:
         if pre is not None:
             self.trainers = pre.trainers
             self.workers = pre.workers or _create_workers(self.cfg, common, deferred=False)
-            self.owners = {a._actor_id.hex(): ("trainer", r) for r, a in enumerate(self.trainers)}
-            self.owners.update({a._actor_id.hex(): ("rollout", i) for i, a in enumerate(self.workers)})
+            self.owners = {a._actor_id.hex(): (Role.TRAINER, r) for r, a in enumerate(self.trainers)}
+            self.owners.update({a._actor_id.hex(): (Role.ROLLOUT, i) for i, a in enumerate(self.workers)})
             ahead = self.trainers + pre.workers
             self._gather([a.start_runtime.remote() for a in ahead], ahead)
             self.built_ahead = len(ahead)
         else:
             self.trainers = _create_trainers(self.cfg, self.world_size, common, deferred=False)
             self.workers = _create_workers(self.cfg, common, deferred=False)
-        self.owners = {a._actor_id.hex(): ("trainer", r) for r, a in enumerate(self.trainers)}
-        self.owners.update({a._actor_id.hex(): ("rollout", i) for i, a in enumerate(self.workers)})
+        self.owners = {a._actor_id.hex(): (Role.TRAINER, r) for r, a in enumerate(self.trainers)}
+        self.owners.update({a._actor_id.hex(): (Role.ROLLOUT, i) for i, a in enumerate(self.workers)})
         host, port = self._gather([self.trainers[0].rendezvous_address.remote()], [self.trainers[0]])[0]
         infos = self._gather([t.setup.remote(host, port) for t in self.trainers], self.trainers)
         infos += self._gather([w.info.remote() for w in self.workers], self.workers)
         self.events.emit(
-            "attempt_started",
+            EventKind.ATTEMPT_STARTED,
             f"attempt {self.attempt}: {self.world_size} trainer ranks, {len(self.workers)} rollout workers"
             + (f" ({self.built_ahead} built ahead by the standby)" if self.built_ahead else ""),
             world_size=self.world_size,
@@ -207,7 +213,10 @@ class Engine:
     def _resume(self) -> tuple[int, Checkpoint | None, str | None]:
         def skipped(ckpt: Checkpoint, reason: str) -> None:
             self.events.emit(
-                "checkpoint_skipped", f"skipping checkpoint: {reason}", severity="warning", step=ckpt.step
+                EventKind.CHECKPOINT_SKIPPED,
+                f"skipping checkpoint: {reason}",
+                severity=Severity.WARNING,
+                step=ckpt.step,
             )
 
         ckpt = self.store.find_resumable(on_skip=skipped)
@@ -218,14 +227,14 @@ class Engine:
         want = ckpt.manifest.get("state_checksum")
         if got != {want}:
             self.events.emit(
-                "resume_verification_failed",
+                EventKind.RESUME_VERIFICATION_FAILED,
                 f"loaded state of step {ckpt.step} has checksum {sorted(got)} but the manifest says {want}",
-                severity="critical",
+                severity=Severity.CRITICAL,
                 step=ckpt.step,
             )
             raise ResumeError(f"resume from {ckpt.path}: loaded checksum {sorted(got)} != manifest {want}")
         self.events.emit(
-            "resume_verified",
+            EventKind.RESUME_VERIFIED,
             f"resumed from step {ckpt.step} (saved at world size {ckpt.manifest.get('world_size')}, "
             f"now {self.world_size}); state checksum {str(want)[:12]} verified",
             step=ckpt.step,
@@ -258,9 +267,9 @@ class Engine:
                     raise
                 e = failure.cause
                 self.events.emit(
-                    "weight_sync_retry",
+                    EventKind.WEIGHT_SYNC_RETRY,
                     f"weight sync v{version} failed verification (try {attempt}/{_SYNC_ATTEMPTS}): {e}",
-                    severity="warning",
+                    severity=Severity.WARNING,
                     version=version,
                 )
         raise WeightSyncError(f"weight sync v{version} failed verification {_SYNC_ATTEMPTS} times")
@@ -367,26 +376,30 @@ class Engine:
         paused = False
         while True:
             for action in self.control.drain():
-                if action == "checkpoint":
+                if action == ControlAction.CHECKPOINT:
                     fresh = self.last_saved != step
                     note = "" if fresh else " (already saved at this step)"
                     self.events.emit(
-                        "checkpoint_requested", f"checkpoint of step {step} on request{note}", step=step
+                        EventKind.CHECKPOINT_REQUESTED,
+                        f"checkpoint of step {step} on request{note}",
+                        step=step,
                     )
                     if fresh:
                         self._checkpoint(step)
-                elif action == "stop":
+                elif action == ControlAction.STOP:
                     if self.last_saved != step:
                         self._checkpoint(step)
-                    self.events.emit("attempt_stopping", f"stopping after step {step} on request", step=step)
+                    self.events.emit(
+                        EventKind.ATTEMPT_STOPPING, f"stopping after step {step} on request", step=step
+                    )
                     return True
-                elif action == "pause" and not paused:
+                elif action == ControlAction.PAUSE and not paused:
                     paused = True
                     self.inst.set_phase("paused")
-                    self.events.emit("run_paused", f"paused after step {step}", step=step)
-                elif action == "resume" and paused:
+                    self.events.emit(EventKind.RUN_PAUSED, f"paused after step {step}", step=step)
+                elif action == ControlAction.RESUME and paused:
                     paused = False
-                    self.events.emit("run_resumed", f"resumed after step {step}", step=step)
+                    self.events.emit(EventKind.RUN_RESUMED, f"resumed after step {step}", step=step)
             if not paused:
                 self.inst.set_phase("idle")
                 return False
@@ -407,10 +420,10 @@ class Engine:
             )
         if size != t.world_size:
             self.events.emit(
-                "world_size_changed",
+                EventKind.WORLD_SIZE_CHANGED,
                 f"cluster has {slots} trainer slots: running at world size {size} "
                 f"(configured {t.world_size}, range {t.min_world_size}..{t.max_world_size})",
-                severity="warning" if size < t.world_size else "info",
+                severity=Severity.WARNING if size < t.world_size else Severity.INFO,
                 world_size=size,
                 slots=slots,
             )
@@ -436,14 +449,12 @@ class Engine:
             self.inst.state.step = start
             results: list[StepResult] = []
             final_step = start
-            with (self.run_dir / STEPS_FILE).open("a") as steps_log:
+            with RunDir(self.run_dir).steps.open("a") as steps_log:
                 for step in range(start + 1, self.until_step + 1):
                     res = self._step(step)
                     results.append(res)
                     final_step = step
-                    steps_log.write(
-                        json.dumps({"attempt": self.attempt, "ts": time.time(), **asdict(res)}) + "\n"
-                    )
+                    steps_log.write(json.dumps(res.record(self.attempt)) + "\n")
                     steps_log.flush()
                     if self.on_step is not None:
                         self.on_step(res)
@@ -453,7 +464,7 @@ class Engine:
             self._all_trainers("wait_checkpoint")
             final = self._all_trainers("full_state_checksum")[0]
             self.events.emit(
-                "attempt_finished",
+                EventKind.ATTEMPT_FINISHED,
                 f"attempt {self.attempt} {'stopped at' if self.stopped else 'reached'} step {final_step}",
                 step=final_step,
                 state_checksum=final,

@@ -14,35 +14,38 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
-SEVERITIES = ("info", "warning", "error", "critical")
+from .contract.enums import Role, Severity
+from .contract.layout import EVENTS_FILE, RunDir
+
+__all__ = ["EVENTS_FILE", "Event", "EventSink", "read_events"]
 
 
 @dataclass(kw_only=True)
 class Event:
     kind: str
     message: str
-    severity: str = "info"
+    severity: str = Severity.INFO
     ts: float = field(default_factory=time.time)
     attempt: int = 0
-    role: str = "driver"
+    role: str = Role.DRIVER
     rank: int | None = None
     step: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"event.severity={self.severity!r}: must be one of {SEVERITIES}")
+        if self.severity not in tuple(Severity):
+            raise ValueError(
+                f"event.severity={self.severity!r}: must be one of {tuple(s.value for s in Severity)}"
+            )
 
 
 class EventSink:
     """Appends events of one process to the run's event log (thread-safe)."""
 
     def __init__(self, run_dir: str | os.PathLike[str], *, attempt: int, role: str, rank: int | None) -> None:
-        self.path = Path(run_dir) / EVENTS_FILE
+        self.path = RunDir(run_dir).events
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.attempt, self.role, self.rank = attempt, role, rank
         self._lock = threading.Lock()
@@ -52,7 +55,7 @@ class EventSink:
         kind: str,
         message: str,
         *,
-        severity: str = "info",
+        severity: str = Severity.INFO,
         step: int | None = None,
         **data: Any,
     ) -> Event:
@@ -78,7 +81,7 @@ class EventSink:
 
 def read_events(run_dir: str | os.PathLike[str]) -> Iterator[Event]:
     """Yields the events of a run in file order; a torn last line is skipped."""
-    path = Path(run_dir) / EVENTS_FILE
+    path = RunDir(run_dir).events
     if not path.exists():
         return
     with path.open() as f:

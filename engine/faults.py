@@ -16,7 +16,13 @@ import time
 from collections.abc import Callable
 
 from .contract.config import FaultSpec
+from .contract.enums import FaultKind, Severity
+from .contract.events import EventKind
+from .contract.process import ExitCode
 from .events import EventSink
+
+# Kinds that act through a hook the rank registers (FaultInjector.hooks); others act here.
+HOOKED = (FaultKind.SKIP_COLLECTIVE, FaultKind.NAN, FaultKind.CORRUPT_CHECKPOINT)
 
 
 class InjectedFault(RuntimeError):
@@ -55,34 +61,34 @@ class FaultInjector:
             self._fire(spec, step)
 
     def _fire(self, spec: FaultSpec, step: int) -> None:
-        if spec.kind in ("skip-collective", "nan", "corrupt-checkpoint") and spec.kind not in self.hooks:
+        if spec.kind in HOOKED and spec.kind not in self.hooks:
             self.events.emit(
-                "fault_rejected",
+                EventKind.FAULT_REJECTED,
                 f"{spec.kind} cannot be injected into {self.role} {self.rank}",
-                severity="warning",
+                severity=Severity.WARNING,
             )
             return
         self.events.emit(
-            "fault_injected",
-            f"injecting {spec.kind}{f':{spec.factor:g}' if spec.kind == 'slow' else ''} into "
+            EventKind.FAULT_INJECTED,
+            f"injecting {spec.kind}{f':{spec.factor:g}' if spec.kind == FaultKind.SLOW else ''} into "
             f"{self.role} {self.rank} at step {step}",
-            severity="warning",
+            severity=Severity.WARNING,
             step=step,
             fault=spec.kind,
             pid=os.getpid(),
         )
-        if spec.kind in ("kill", "rollout-crash"):
+        if spec.kind in (FaultKind.KILL, FaultKind.ROLLOUT_CRASH):
             os.kill(os.getpid(), signal.SIGKILL)
-        elif spec.kind == "exit":
-            os._exit(17)
-        elif spec.kind == "exception":
+        elif spec.kind == FaultKind.EXIT:
+            os._exit(ExitCode.FAULT_EXIT)
+        elif spec.kind == FaultKind.EXCEPTION:
             raise InjectedFault(f"injected exception in {self.role} {self.rank} at step {step}")
-        elif spec.kind == "hang":
+        elif spec.kind == FaultKind.HANG:
             os.kill(os.getpid(), signal.SIGSTOP)
-        elif spec.kind == "stall":
+        elif spec.kind == FaultKind.STALL:
             while True:  # stuck in compute: the reporter thread keeps the heartbeat going
                 time.sleep(1.0)
-        elif spec.kind == "slow":
+        elif spec.kind == FaultKind.SLOW:
             self.slow_factor = spec.factor
             self.slow_until = step + spec.duration_steps - 1 if spec.duration_steps else None
         else:

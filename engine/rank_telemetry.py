@@ -11,9 +11,8 @@ import os
 from typing import Any
 
 from . import step_tracing as tracing
+from .contract.process import RANK_GPU_ENV, RANK_GPU_INTERVAL_ENV
 from .gpu import GpuCollector
-
-RANK_GPU_ENV = "MILEPOST_RANK_GPU"
 
 
 class RankTelemetry:
@@ -33,7 +32,7 @@ class RankTelemetry:
         self.gpu: GpuCollector | None = None
         if reporter is not None and os.environ.get(RANK_GPU_ENV, "") == "1":
             try:
-                interval = max(0.5, float(os.environ.get("MILEPOST_RANK_GPU_INTERVAL_S", "5")))
+                interval = max(0.5, float(os.environ.get(RANK_GPU_INTERVAL_ENV, "5")))
             except ValueError:
                 interval = 5.0
             self.gpu = GpuCollector().start().sample_every(interval)

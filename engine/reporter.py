@@ -20,8 +20,10 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from .contract.enums import RankStatus
+from .contract.routes import INGEST_PATH
 from .instrument import RankInstrument
-from .wire import INGEST_PATH, lower_thread_priority, make_report
+from .wire import lower_thread_priority, make_report
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class Reporter:
         self.metrics: dict[str, float] = {}
         self.timings: dict[str, float] = {}
         self.gpus: Callable[[], dict[str, Any]] | None = None  # the node's newest NVML snapshot, if sampled
-        self.status = "running"
+        self.status: str = RankStatus.RUNNING
         self.sent = 0
         self.dropped = 0
         self.failures = 0

@@ -6,10 +6,12 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from .contract.config import FaultSpec
+from .contract.enums import FaultKind, RankStatus, Role
+from .contract.layout import RunDir
+from .contract.process import TOKEN_ENV
 from .events import EventSink
 from .faults import FaultInjector
 from .instrument import RankInstrument
@@ -18,8 +20,6 @@ from .reporter import Reporter
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-TOKEN_ENV = "MILEPOST_TOKEN"
 
 
 class RankRuntime:
@@ -38,7 +38,9 @@ class RankRuntime:
         start: bool = True,
         telemetry_nice: int = 0,
     ) -> None:
-        self.events = EventSink(run_dir, attempt=attempt, role=role, rank=None if role == "driver" else rank)
+        self.events = EventSink(
+            run_dir, attempt=attempt, role=role, rank=None if role == Role.DRIVER else rank
+        )
         self.inst = RankInstrument(role, rank)
         self.faults = FaultInjector(faults, role=role, rank=rank, attempt=attempt, events=self.events)
         self.run_dir, self.attempt, self.role, self.rank = run_dir, attempt, role, rank
@@ -128,7 +130,7 @@ class RankRuntime:
                 factor=float(f.get("factor", 1.5)),
             )
             self.faults.add(spec)
-            if spec.kind == "hang" and spec.step == 0 and self.role != "driver":
+            if spec.kind == FaultKind.HANG and spec.step == 0 and self.role != Role.DRIVER:
                 self.faults.check(self.inst.state.step)  # freeze now, wherever the rank is
         if self._user_on_response is not None:
             self._user_on_response(resp)
@@ -142,8 +144,10 @@ class RankRuntime:
             key = (rec.group, rec.seq)
             if now - rec.enter_ts > self.stuck_after_s and key not in self._dumped:
                 self._dumped.add(key)
-                out = Path(self.run_dir) / "diagnostics"
-                out.mkdir(parents=True, exist_ok=True)
+                path = RunDir(self.run_dir).flight_recorder_dump(
+                    self.attempt, self.role, self.rank, rec.group, rec.seq
+                )
+                path.parent.mkdir(parents=True, exist_ok=True)
                 dump = {
                     "role": self.role,
                     "rank": self.rank,
@@ -151,8 +155,7 @@ class RankRuntime:
                     "stuck": rec.__dict__,
                     "flight_recorder": self.on_stuck(),
                 }
-                name = f"fr_attempt{self.attempt}_{self.role}{self.rank}_{rec.group}_{rec.seq}.json"
-                (out / name).write_text(json.dumps(dump, default=str, indent=1))
+                path.write_text(json.dumps(dump, default=str, indent=1))
 
     def publish(
         self, *, timings: dict[str, float] | None = None, metrics: dict[str, float] | None = None
@@ -173,7 +176,7 @@ class RankRuntime:
         if self.telemetry is not None:
             self.telemetry.close()
         if self.reporter is not None:
-            self.reporter.status = "exited"
+            self.reporter.status = RankStatus.EXITED
             self.reporter.stop()
 
 

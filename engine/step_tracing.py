@@ -23,12 +23,12 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from .contract.process import RUN_ID_ENV, TRACING_ENV
+from .contract.routes import OTLP_TRACES_PATH
+
 log = logging.getLogger(__name__)
 
 SERVICE = "milepost"
-TRACES_PATH = "/v1/traces"
-TRACING_ENV = "MILEPOST_TRACING"
-RUN_ID_ENV = "MILEPOST_RUN_ID"
 
 # Traced actor methods: method -> (span name, attribute for the first positional argument).
 TRAINER_METHODS: dict[str, tuple[str, str | None]] = {
@@ -211,7 +211,7 @@ def _otlp_exporter(daemon_url: str | None, token: str | None, env: Mapping[str, 
         )
         headers = {"Authorization": f"Bearer {token}"} if token else None
         return OTLPSpanExporter(
-            endpoint=daemon_url.rstrip("/") + TRACES_PATH, headers=headers, timeout=timeout
+            endpoint=daemon_url.rstrip("/") + OTLP_TRACES_PATH, headers=headers, timeout=timeout
         )
     if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return OTLPSpanExporter()

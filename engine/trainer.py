@@ -28,6 +28,8 @@ from .backends.base import BackendContext, TrainBackend
 from .backends.factory import make_backend
 from .checkpoint import CheckpointStore
 from .contract.config import JobConfig
+from .contract.enums import FaultKind, Role, Severity
+from .contract.events import EventKind
 from .runtime import RuntimeActor, RuntimeArgs
 from .weights import state_checksum
 
@@ -70,7 +72,7 @@ class TrainerRank(RuntimeActor):
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.run_dir, self.attempt = run_dir, runtime.get("attempt", 0)
-        self.open_runtime(cfg, "trainer", rank, run_dir, **runtime)
+        self.open_runtime(cfg, Role.TRAINER, rank, run_dir, **runtime)
         self.store = CheckpointStore(cfg.checkpoint_root(run_dir), keep_last=cfg.checkpoint.keep_last)
         self._pending: Future[Any] | None = None
         self._commit_lock = threading.Lock()
@@ -90,11 +92,13 @@ class TrainerRank(RuntimeActor):
         collectives.enable_flight_recorder()
         self.collectives = collectives.install(self.inst)
         self.rt.on_stuck = self._dump_flight_recorder
-        self.rt.faults.hooks["skip-collective"] = lambda: setattr(self.collectives, "skip_next", "all_reduce")
+        self.rt.faults.hooks[FaultKind.SKIP_COLLECTIVE] = lambda: setattr(
+            self.collectives, "skip_next", "all_reduce"
+        )
         if self.rank == 0:
-            self.rt.faults.hooks["corrupt-checkpoint"] = self._corrupt_newest_checkpoint
+            self.rt.faults.hooks[FaultKind.CORRUPT_CHECKPOINT] = self._corrupt_newest_checkpoint
         if hasattr(self.backend, "poison_next"):
-            self.rt.faults.hooks["nan"] = lambda: setattr(self.backend, "poison_next", True)
+            self.rt.faults.hooks[FaultKind.NAN] = lambda: setattr(self.backend, "poison_next", True)
         dist.init_process_group(
             "nccl" if cuda else "gloo",
             init_method=f"tcp://{master_addr}:{master_port}",
@@ -168,7 +172,7 @@ class TrainerRank(RuntimeActor):
         )
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
         self.events.emit(
-            "checkpoint_corrupted", f"truncated {victim.name} of {newest.path.name}", step=newest.step
+            EventKind.CHECKPOINT_CORRUPTED, f"truncated {victim.name} of {newest.path.name}", step=newest.step
         )
 
     def _dump_flight_recorder(self) -> dict[str, Any]:
@@ -223,12 +227,15 @@ class TrainerRank(RuntimeActor):
         try:
             if (exc := fut.exception()) is not None:
                 self.events.emit(
-                    "checkpoint_failed", f"save of step {step} failed: {exc!r}", severity="error", step=step
+                    EventKind.CHECKPOINT_FAILED,
+                    f"save of step {step} failed: {exc!r}",
+                    severity=Severity.ERROR,
+                    step=step,
                 )
                 return
             ckpt = self.store.commit(step, meta)
             self.events.emit(
-                "checkpoint_committed",
+                EventKind.CHECKPOINT_COMMITTED,
                 f"checkpoint of step {step} committed ({len(ckpt.manifest['files'])} files)",
                 step=step,
                 path=str(ckpt.path),
@@ -239,7 +246,10 @@ class TrainerRank(RuntimeActor):
         except Exception as e:
             # A failed commit leaves the previous checkpoint as the newest; say so and keep training.
             self.events.emit(
-                "checkpoint_failed", f"commit of step {step} failed: {e!r}", severity="error", step=step
+                EventKind.CHECKPOINT_FAILED,
+                f"commit of step {step} failed: {e!r}",
+                severity=Severity.ERROR,
+                step=step,
             )
         finally:
             self._commit_lock.release()

@@ -1,10 +1,11 @@
-"""The report wire schema between ranks and the daemon (torch-free; the daemon imports it).
+"""Builds a rank's report, the contract's Report (milepost.engine.contract.wire), as a plain dict.
 
 A rank's reporter POSTs ``{"reports": [report, ...]}`` to ``/api/v1/ingest`` with the
 run's bearer token. Each report is a snapshot of the rank: heartbeat, step, phase, open
 collectives, last-step timings and metrics, and a per-rank sequence number so the daemon
 can deduplicate replays and count gaps. The response carries the run's desired control
-state (pause/stop/checkpoint requests) and faults to inject.
+state (pause/stop/checkpoint requests) and faults to inject. The dict is built by hand, not
+validated: reporting never costs the training side more than it must (the daemon validates).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import threading
 import time
 from typing import Any
 
+from .contract.enums import RankStatus
+from .contract.wire import WIRE_VERSION
 from .instrument import RankState
-
-WIRE_VERSION = 1
-INGEST_PATH = "/api/v1/ingest"
 
 
 def make_report(
@@ -29,7 +29,7 @@ def make_report(
     timings: dict[str, float] | None = None,
     metrics: dict[str, float] | None = None,
     counters: dict[str, int] | None = None,
-    status: str = "running",
+    status: str = RankStatus.RUNNING,
 ) -> dict[str, Any]:
     return {
         "v": WIRE_VERSION,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import ConfigError
+from .process import ExitCode
 
 
 def command_parser() -> tuple[argparse.ArgumentParser, Any]:
@@ -30,4 +31,4 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         return int(args.func(args))
     except ConfigError as e:
         print(f"milepost: config error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG_ERROR

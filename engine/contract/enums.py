@@ -60,3 +60,23 @@ class FaultKind(StrEnum):
     NAN = "nan"  # the loss of the step becomes NaN
     ROLLOUT_CRASH = "rollout-crash"  # a rollout worker's process dies (role rollout, SIGKILL)
     CORRUPT_CHECKPOINT = "corrupt-checkpoint"  # truncate a file of the newest committed checkpoint
+
+
+# The roles that run in an attempt and report (the daemon emits events, never reports).
+RANK_ROLES = (Role.DRIVER, Role.TRAINER, Role.ROLLOUT)
+
+
+class RankStatus(StrEnum):
+    """A report's ``state``: the reporter says ``exited`` once, when its process shuts down."""
+
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+class ControlAction(StrEnum):
+    """What ``POST /api/v1/control/{action}`` asks; the driver reads it from its ingest responses."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+    CHECKPOINT = "checkpoint"

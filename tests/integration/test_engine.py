@@ -5,10 +5,13 @@ elastic resume and checkpoint fallback.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from milepost.engine.contract.config import job_from_dict
+from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.wire import StepRecord
 from milepost.engine.driver import ActorFailure, Engine, RunResult
 from milepost.engine.events import read_events
 
@@ -48,6 +51,11 @@ def test_two_trainers_one_rollout_complete_steps(full_run: tuple[Path, RunResult
     assert started.data["world_size"] == 2
     assert len({r["pid"] for r in started.data["ranks"]}) == 3  # 2 trainers + 1 rollout, 3 processes
     assert [e.step for e in events if e.kind == "checkpoint_committed"] == [2, 4, 6]
+    # What the driver wrote to steps.jsonl is the contract's StepRecord, field for field.
+    lines = RunDir(run_dir).steps.read_text().splitlines()
+    records = [StepRecord.model_validate(json.loads(line)) for line in lines]
+    assert [r.step for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(set(json.loads(line)) == set(StepRecord.model_fields) for line in lines)
 
 
 def test_crash_resume_is_bitwise_equal(full_run: tuple[Path, RunResult], tmp_path: Path) -> None:

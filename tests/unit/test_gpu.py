@@ -15,10 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from milepost.daemon.api_models import Report
 from milepost.daemon.gpu_metrics import GpuMetrics
 from milepost.daemon.metrics import RunMetrics
 from milepost.engine import gpu as gpu_mod
+from milepost.engine.contract.wire import Report
 from milepost.engine.gpu import REASONS, GpuCollector
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from milepost.engine.contract.routes import INGEST_PATH
 from milepost.engine.instrument import RankInstrument
 from milepost.engine.reporter import Reporter
-from milepost.engine.wire import INGEST_PATH
 
 pytestmark = pytest.mark.timeout(60)
 

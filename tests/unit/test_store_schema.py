@@ -12,7 +12,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from milepost.daemon.store import DB_FILE, MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, migrate
+from milepost.daemon.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, migrate
+from milepost.engine.contract.layout import DB_FILE
 
 PREVIOUS = Path(__file__).parent / "data" / "milepost-schema1.db"
 

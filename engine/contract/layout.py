@@ -1,0 +1,145 @@
+"""The run directory's layout: every file and folder name the ranks and the daemon share.
+
+    <run_dir>/
+      events.jsonl            events of every process (engine.events: one O_APPEND write per line)
+      steps.jsonl             one StepRecord per line, written by the engine driver
+      daemon.json             the live daemon's url, port, pid (tools find the API through it)
+      token                   the API's bearer token (0600), unless $MILEPOST_TOKEN is set
+      milepost.db             the daemon's SQLite store (WAL)
+      daemon.log, daemon.out  the daemon's log; its stdout/stderr when detached
+      attempts/attempt_N.log  attempt N's stdout/stderr
+      attempts/standby_N/     a warm standby for attempt N: it writes ``ready``, waits for ``go``
+      diagnostics/            flight-recorder dumps fr_attempt{N}_{role}{rank}_{group}_{seq}.json
+      diagnostics/diagnosis_N/  evidence of diagnosis N: stack_{role}{rank}.txt per rank
+      checkpoints/            the default checkpoint root (checkpoint.dir overrides it)
+
+Use :class:`RunDir` for paths; the bare names are here for code that needs only a name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EVENTS_FILE = "events.jsonl"
+STEPS_FILE = "steps.jsonl"
+DAEMON_FILE = "daemon.json"
+TOKEN_FILE = "token"
+DB_FILE = "milepost.db"
+DAEMON_LOG = "daemon.log"
+DAEMON_OUT = "daemon.out"
+ATTEMPTS_DIR = "attempts"
+DIAGNOSTICS_DIR = "diagnostics"
+CHECKPOINTS_DIR = "checkpoints"
+STANDBY_READY = "ready"
+STANDBY_GO = "go"
+
+
+def attempt_log_name(attempt: int) -> str:
+    return f"attempt_{attempt}.log"
+
+
+def standby_dir_name(attempt: int) -> str:
+    return f"standby_{attempt}"
+
+
+def diagnosis_dir_name(diagnosis_id: int) -> str:
+    return f"diagnosis_{diagnosis_id}"
+
+
+def stack_file_name(role: str, rank: int) -> str:
+    """A rank's py-spy stacks inside a diagnosis folder."""
+    return f"stack_{role}{rank}.txt"
+
+
+def flight_recorder_prefix(attempt: int) -> str:
+    """The name prefix of every flight-recorder dump of ``attempt`` (for a glob)."""
+    return f"fr_attempt{attempt}_"
+
+
+def flight_recorder_name(attempt: int, role: str, rank: int, group: str, seq: int) -> str:
+    return f"{flight_recorder_prefix(attempt)}{role}{rank}_{group}_{seq}.json"
+
+
+class StandbyDir:
+    """A warm standby's hand-shake folder: the standby writes ``ready`` (its pid), the daemon touches ``go``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def ready(self) -> Path:
+        return self.path / STANDBY_READY
+
+    @property
+    def go(self) -> Path:
+        return self.path / STANDBY_GO
+
+
+class RunDir:
+    """Paths inside one run directory; nothing is created until a caller writes."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def events(self) -> Path:
+        return self.path / EVENTS_FILE
+
+    @property
+    def steps(self) -> Path:
+        return self.path / STEPS_FILE
+
+    @property
+    def daemon_file(self) -> Path:
+        return self.path / DAEMON_FILE
+
+    @property
+    def token(self) -> Path:
+        return self.path / TOKEN_FILE
+
+    @property
+    def db(self) -> Path:
+        return self.path / DB_FILE
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.path / DAEMON_LOG
+
+    @property
+    def daemon_out(self) -> Path:
+        return self.path / DAEMON_OUT
+
+    @property
+    def attempts(self) -> Path:
+        return self.path / ATTEMPTS_DIR
+
+    def attempt_log(self, attempt: int) -> Path:
+        return self.attempts / attempt_log_name(attempt)
+
+    def standby(self, attempt: int) -> StandbyDir:
+        return StandbyDir(self.attempts / standby_dir_name(attempt))
+
+    @property
+    def diagnostics(self) -> Path:
+        return self.path / DIAGNOSTICS_DIR
+
+    def diagnosis(self, diagnosis_id: int) -> Path:
+        return self.diagnostics / diagnosis_dir_name(diagnosis_id)
+
+    def flight_recorder_dump(self, attempt: int, role: str, rank: int, group: str, seq: int) -> Path:
+        return self.diagnostics / flight_recorder_name(attempt, role, rank, group, seq)
+
+    def flight_recorder_dumps(self, attempt: int) -> list[Path]:
+        """Every flight-recorder dump of ``attempt``, sorted by name."""
+        return sorted(self.diagnostics.glob(flight_recorder_prefix(attempt) + "*.json"))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR

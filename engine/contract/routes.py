@@ -1,0 +1,16 @@
+"""HTTP paths of the daemon that the ranks and the tools call (the API's full list is /openapi.json)."""
+
+from __future__ import annotations
+
+API = "/api/v1"
+INGEST_PATH = f"{API}/ingest"  # rank reports: POST {"reports": [Report, ...]}
+FAULTS_PATH = f"{API}/faults"  # POST a FaultRequest
+STATUS_PATH = f"{API}/status"
+OTLP_TRACES_PATH = "/v1/traces"  # OTLP/HTTP spans from the ranks (the OTLP standard's path)
+METRICS_PATH = "/metrics"
+HEALTHZ_PATH = "/healthz"
+
+
+def control_path(action: str) -> str:
+    """``POST`` here to pause, resume, stop or checkpoint the run."""
+    return f"{API}/control/{action}"
