@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from milepost.daemon.store import DB_FILE, SCHEMA_VERSION
-from milepost.daemon.supervisor import pid_alive
+from milepost.daemon.procs import alive as pid_alive
+from milepost.daemon.store import SCHEMA_VERSION
+from milepost.engine.contract.layout import DB_FILE
 
 from tests.harness import DaemonRun, job_doc
 
