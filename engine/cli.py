@@ -32,7 +32,8 @@ def _engine(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .contract.config import load_job
-    from .driver import Engine, StepResult
+    from .driver import Engine
+    from .step_result import StepResult
 
     cfg = load_job(args.job)
     if args.ray_address:
@@ -105,8 +106,8 @@ def _standby(cfg: Any, where: Path, args: argparse.Namespace, run_dir: Path) -> 
     interpreter, torch and Ray start-up and the actors' process start (seconds of mean time
     to recovery).
     """
+    from .actors import prewarm_actors
     from .cluster import ensure_ray
-    from .driver import prewarm_actors
 
     ensure_ray(cfg.ray, needed_cpus=cfg.trainer.max_world_size + cfg.rollout.workers)
     prewarm_actors(
@@ -130,7 +131,7 @@ def _standby(cfg: Any, where: Path, args: argparse.Namespace, run_dir: Path) -> 
 
 def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
     """Exit code and event fields for an attempt that ended in ``e``."""
-    from .driver import ActorFailure, InsufficientSlots
+    from .actors import ActorFailure, InsufficientSlots
     from .trainer import ResumeError
 
     if isinstance(e, ResumeError):
