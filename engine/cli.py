@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .contract.cli import command_parser, run_command
+from .contract.cli import add_job_arguments, command_parser, run_command
 from .contract.enums import Severity
 from .contract.events import EventKind
 from .contract.layout import StandbyDir
@@ -156,10 +156,7 @@ def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     p, sub = command_parser()
     e = sub.add_parser("engine", help="run the engine alone (one attempt) on a job file")
-    e.add_argument("job", help="job TOML file, e.g. examples/tiny-grpo-cpu.toml")
-    e.add_argument(
-        "--run-dir", default=None, help="run directory (default: the job's run.run_dir or runs/<name>)"
-    )
+    add_job_arguments(e)
     e.add_argument("--steps", type=int, default=None, help="stop after this step (default: run.steps)")
     e.add_argument(
         "--world-size", type=int, default=None, help="trainer world size (default: trainer.world_size)"
