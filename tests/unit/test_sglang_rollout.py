@@ -146,14 +146,7 @@ def test_weight_updates_track_the_version_of_each_server(
 def test_tensor_and_distributed_updates(tmp_path: Path, fakes: list[FakeSGLangServer]) -> None:
     fake = _fake(fakes)
     cfg = _job(urls=[fake.url], weight_update="tensor")
-    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path / "t"), background=False)
-    try:
-        worker.manager.tick()
-        packet = _packet(cfg, 4)
-        worker.update_weights(packet)
-        assert fake.weight_version == "4" and state_checksum(fake.weights or {}) == packet["checksum"]
-    finally:
-        worker.shutdown()
+    _update_once(SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path / "t"), background=False), fake, 4)
 
     class FakeChannel(SGLangRolloutWorker):
         """The NCCL group replaced by a hand-over to the fake: exercises the HTTP side of the protocol."""
@@ -172,15 +165,22 @@ def test_tensor_and_distributed_updates(tmp_path: Path, fakes: list[FakeSGLangSe
             group.distributed_inbox.put(tensor.clone())
 
     cfg = _job(urls=[fake.url], weight_update="distributed")
-    worker = FakeChannel(cfg, index=0, run_dir=str(tmp_path / "d"), background=False)
+    packet = _update_once(FakeChannel(cfg, index=0, run_dir=str(tmp_path / "d"), background=False), fake, 5)
+    body = [b for path, b in fake.requests if path == "POST /update_weights_from_distributed"][-1]
+    assert body["names"] == list(packet["state"]) and body["group_name"] == "milepost-w0"
+    assert body["shapes"][0] == list(next(iter(packet["state"].values())).shape)
+
+
+def _update_once(worker: SGLangRolloutWorker, fake: FakeSGLangServer, version: int) -> dict[str, Any]:
+    """One weight update through ``worker`` (shut down after); the fake then holds exactly those weights."""
     try:
         worker.manager.tick()
-        packet = _packet(cfg, 5)
+        packet = _packet(worker.cfg, version)
         worker.update_weights(packet)
-        assert fake.weight_version == "5" and state_checksum(fake.weights or {}) == packet["checksum"]
-        body = [b for path, b in fake.requests if path == "POST /update_weights_from_distributed"][-1]
-        assert body["names"] == list(packet["state"]) and body["group_name"] == "milepost-w0"
-        assert body["shapes"][0] == list(next(iter(packet["state"].values())).shape)
+        assert (
+            fake.weight_version == str(version) and state_checksum(fake.weights or {}) == packet["checksum"]
+        )
+        return packet
     finally:
         worker.shutdown()
 
