@@ -13,7 +13,7 @@ import logging
 import os
 import smtplib
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -109,21 +109,15 @@ class HttpPost:
 
 
 @dataclass
-class WebhookReceiver:
+class PostReceiver:
+    """One POST per batch, its body made by ``payload`` (a webhook's or Slack's)."""
+
     name: str
     http: HttpPost
+    payload: Callable[[Notification], object]
 
     def send(self, batch: Notification, timeout_s: float) -> Outcome:
-        return self.http.post(webhook_payload(batch), timeout_s)
-
-
-@dataclass
-class SlackReceiver:
-    name: str
-    http: HttpPost
-
-    def send(self, batch: Notification, timeout_s: float) -> Outcome:
-        return self.http.post(slack_payload(batch), timeout_s)
+        return self.http.post(self.payload(batch), timeout_s)
 
 
 @dataclass
@@ -214,9 +208,9 @@ def build_receiver(rc: ReceiverConfig, cfg: AlertsConfig, env: Mapping[str, str]
         return _env(env, rc.url_env, f"{where}.url_env") if rc.url_env else Secret(rc.url)
 
     if rc.type == "webhook":
-        return WebhookReceiver(rc.name, HttpPost(url(), headers))
+        return PostReceiver(rc.name, HttpPost(url(), headers), webhook_payload)
     if rc.type == "slack":
-        return SlackReceiver(rc.name, HttpPost(url(), headers))
+        return PostReceiver(rc.name, HttpPost(url(), headers), slack_payload)
     if rc.type == "pagerduty":
         key = _env(env, rc.routing_key_env, f"{where}.routing_key_env")
         pd_url = url() if (rc.url or rc.url_env) else Secret("https://events.pagerduty.com/v2/enqueue")

@@ -300,29 +300,37 @@ def _step_rules(obs: Observations, r: RulesConfig, base: dict[str, str]) -> list
             )
         )
     rewards = [s["reward_mean"] for s in obs.steps if math.isfinite(s.get("reward_mean", math.nan))]
-    if len(rewards) >= 2 * w:
-        before, now_ = statistics.fmean(rewards[-2 * w : -w]), statistics.fmean(rewards[-w:])
-        if before > 0 and now_ < r.reward_drop_ratio * before:
-            out.append(
-                condition(
-                    "RewardCollapse",
-                    base,
-                    f"mean reward fell from {before:.4g} to {now_:.4g} over the last {w} steps",
-                )
+    if fell := _fell(rewards, w, r.reward_drop_ratio, statistics.fmean):
+        before, now_ = fell
+        out.append(
+            condition(
+                "RewardCollapse",
+                base,
+                f"mean reward fell from {before:.4g} to {now_:.4g} over the last {w} steps",
             )
+        )
     tw = r.throughput_window
     tps = [s["tokens_per_s"] for s in obs.steps if "tokens_per_s" in s]
-    if len(tps) >= 2 * tw:
-        before, now_ = statistics.median(tps[-2 * tw : -tw]), statistics.median(tps[-tw:])
-        if before > 0 and now_ < r.throughput_drop_ratio * before:
-            out.append(
-                condition(
-                    "ThroughputDrop",
-                    base,
-                    f"throughput fell from {before:.4g} to {now_:.4g} tokens/s (median of {tw} steps)",
-                )
+    if fell := _fell(tps, tw, r.throughput_drop_ratio, statistics.median):
+        before, now_ = fell
+        out.append(
+            condition(
+                "ThroughputDrop",
+                base,
+                f"throughput fell from {before:.4g} to {now_:.4g} tokens/s (median of {tw} steps)",
             )
+        )
     return out
+
+
+def _fell(
+    values: list[float], w: int, ratio: float, average: Callable[[list[float]], float]
+) -> tuple[float, float] | None:
+    """The average of the last ``w`` values and of the ``w`` before, when it fell below ``ratio`` of that."""
+    if len(values) < 2 * w:
+        return None
+    before, now_ = average(values[-2 * w : -w]), average(values[-w:])
+    return (before, now_) if before > 0 and now_ < ratio * before else None
 
 
 def _gpu_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, str]) -> list[Condition]:

@@ -32,7 +32,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from milepost.engine.contract.config import load_job
-    from milepost.engine.driver import Engine, StepResult
+    from milepost.engine.driver import Engine
+    from milepost.engine.step_result import StepResult
 
     cfg = load_job(args.job)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="milepost-bench-learning-"))

@@ -61,8 +61,9 @@ def main() -> None:
 
     import torch
     from milepost.engine.contract.config import load_job
-    from milepost.engine.driver import Engine, StepResult
+    from milepost.engine.driver import Engine
     from milepost.engine.events import read_events
+    from milepost.engine.step_result import StepResult
 
     cfg = load_job(args.job)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="milepost-bench-sglang-gpu-"))

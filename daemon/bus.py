@@ -58,24 +58,21 @@ class EventBus:
             if reason is not None:
                 self.last_restart_reason = reason
             restart_reason = self.last_restart_reason
-        for on_event in self._events:
-            try:
-                on_event(ev, restart_reason)
-            except Exception:
-                log.exception("bus subscriber failed on event %s", ev.get("kind"))
+        _deliver(self._events, (ev, restart_reason), f"event {ev.get('kind')}")
 
     def step(self, rec: dict[str, Any]) -> None:
         """A step record tailed from steps.jsonl."""
-        for on_step in self._steps:
-            try:
-                on_step(rec)
-            except Exception:
-                log.exception("bus subscriber failed on step %s", rec.get("step"))
+        _deliver(self._steps, (rec,), f"step {rec.get('step')}")
 
     def report(self, rep: dict[str, Any]) -> None:
         """A rank report the supervisor accepted (not a replay)."""
-        for on_report in self._reports:
-            try:
-                on_report(rep)
-            except Exception:
-                log.exception("bus subscriber failed on a report of %s %s", rep.get("role"), rep.get("rank"))
+        _deliver(self._reports, (rep,), f"a report of {rep.get('role')} {rep.get('rank')}")
+
+
+def _deliver(subscribers: list[Callable[..., None]], args: tuple[Any, ...], what: str) -> None:
+    """Calls each subscriber; one that raises is logged, and the rest still get ``args``."""
+    for on in subscribers:
+        try:
+            on(*args)
+        except Exception:
+            log.exception("bus subscriber failed on %s", what)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from milepost.engine.contract.cli import command_parser, run_command
+from milepost.engine.contract.cli import add_job_arguments, command_parser, run_command
 from milepost.engine.contract.config import ConfigError, load_ops_view
 from milepost.engine.contract.enums import Role
 from milepost.engine.contract.layout import RunDir
@@ -140,10 +140,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p, sub = command_parser()
     r = sub.add_parser("run", help="start the daemon supervising a job")
-    r.add_argument("job", help="job TOML file, e.g. examples/tiny-grpo-cpu.toml")
-    r.add_argument(
-        "--run-dir", default=None, help="run directory (default: the job's run.run_dir or runs/<name>)"
-    )
+    add_job_arguments(r)
     r.add_argument(
         "--ray-address", default=None, help="an existing Ray cluster (default: a local one on loopback)"
     )

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .contract.cli import command_parser, run_command
+from .contract.cli import add_job_arguments, command_parser, run_command
 from .contract.enums import Severity
 from .contract.events import EventKind
 from .contract.layout import StandbyDir
@@ -32,7 +32,8 @@ def _engine(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .contract.config import load_job
-    from .driver import Engine, StepResult
+    from .driver import Engine
+    from .step_result import StepResult
 
     cfg = load_job(args.job)
     if args.ray_address:
@@ -105,8 +106,8 @@ def _standby(cfg: Any, where: Path, args: argparse.Namespace, run_dir: Path) -> 
     interpreter, torch and Ray start-up and the actors' process start (seconds of mean time
     to recovery).
     """
+    from .actors import prewarm_actors
     from .cluster import ensure_ray
-    from .driver import prewarm_actors
 
     ensure_ray(cfg.ray, needed_cpus=cfg.trainer.max_world_size + cfg.rollout.workers)
     prewarm_actors(
@@ -130,7 +131,7 @@ def _standby(cfg: Any, where: Path, args: argparse.Namespace, run_dir: Path) -> 
 
 def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
     """Exit code and event fields for an attempt that ended in ``e``."""
-    from .driver import ActorFailure, InsufficientSlots
+    from .actors import ActorFailure, InsufficientSlots
     from .trainer import ResumeError
 
     if isinstance(e, ResumeError):
@@ -155,10 +156,7 @@ def _failure(e: BaseException) -> tuple[int, dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     p, sub = command_parser()
     e = sub.add_parser("engine", help="run the engine alone (one attempt) on a job file")
-    e.add_argument("job", help="job TOML file, e.g. examples/tiny-grpo-cpu.toml")
-    e.add_argument(
-        "--run-dir", default=None, help="run directory (default: the job's run.run_dir or runs/<name>)"
-    )
+    add_job_arguments(e)
     e.add_argument("--steps", type=int, default=None, help="stop after this step (default: run.steps)")
     e.add_argument(
         "--world-size", type=int, default=None, help="trainer world size (default: trainer.world_size)"

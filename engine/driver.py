@@ -14,69 +14,34 @@ import contextlib
 import functools
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import step_tracing as tracing
-from .backends.factory import rollout_worker_class
+from .actors import ActorFailure, InsufficientSlots, create_trainers, create_workers, gather, take_prewarmed
 from .checkpoint import Checkpoint, CheckpointStore
 from .cluster import ensure_ray
 from .contract.config import JobConfig
 from .contract.enums import ControlAction, Role, Severity
 from .contract.events import EventKind
 from .contract.layout import RunDir
+from .control import ControlInbox
 from .grpo import group_advantages
 from .rollout import WeightSyncError
 from .runtime import RankRuntime
-from .step_tracing import ROLLOUT_METHODS, TRAINER_METHODS, remote_kwargs, traced_actor
+from .step_result import RunResult, StepResult
+from .step_tracing import remote_kwargs
 from .task import Task
-from .trainer import ResumeError, TrainerRank
+from .trainer import ResumeError
 
 log = logging.getLogger(__name__)
 
 _SYNC_ATTEMPTS = 3
-
-
-@dataclass
-class StepResult:
-    step: int
-    reward_mean: float
-    reward_std: float
-    loss: float
-    grad_norm: float
-    kl: float
-    clip_frac: float
-    lr: float
-    weight_version: int
-    rollout_tokens: int
-    train_tokens: float
-    step_s: float
-    phases: dict[str, float] = field(default_factory=dict)
-    rollout_samples: int = 0
-    prompt_tokens: int = 0
-    trace_id: str = ""  # the step's OpenTelemetry trace: an exemplar on the daemon's step histograms
-
-    def record(self, attempt: int) -> dict[str, Any]:
-        """This step's line of steps.jsonl: the contract's StepRecord."""
-        return {"attempt": attempt, "ts": time.time(), **asdict(self)}
-
-
-@dataclass
-class RunResult:
-    start_step: int
-    final_step: int
-    world_size: int
-    resumed_from: int | None
-    loaded_checksum: str | None
-    final_checksum: str
-    steps: list[StepResult]
 
 
 class Engine:
@@ -140,18 +105,18 @@ class Engine:
             "daemon_url": self.daemon_url,
             "token": self.token,
         }
-        pre = _take_prewarmed(self.attempt, self.world_size)
+        pre = take_prewarmed(self.attempt, self.world_size)
         if pre is not None:
             self.trainers = pre.trainers
-            self.workers = pre.workers or _create_workers(self.cfg, common, deferred=False)
+            self.workers = pre.workers or create_workers(self.cfg, common, deferred=False)
             self.owners = {a._actor_id.hex(): (Role.TRAINER, r) for r, a in enumerate(self.trainers)}
             self.owners.update({a._actor_id.hex(): (Role.ROLLOUT, i) for i, a in enumerate(self.workers)})
             ahead = self.trainers + pre.workers
             self._gather([a.start_runtime.remote() for a in ahead], ahead)
             self.built_ahead = len(ahead)
         else:
-            self.trainers = _create_trainers(self.cfg, self.world_size, common, deferred=False)
-            self.workers = _create_workers(self.cfg, common, deferred=False)
+            self.trainers = create_trainers(self.cfg, self.world_size, common, deferred=False)
+            self.workers = create_workers(self.cfg, common, deferred=False)
         self.owners = {a._actor_id.hex(): (Role.TRAINER, r) for r, a in enumerate(self.trainers)}
         self.owners.update({a._actor_id.hex(): (Role.ROLLOUT, i) for i, a in enumerate(self.workers)})
         host, port = self._gather([self.trainers[0].rendezvous_address.remote()], [self.trainers[0]])[0]
@@ -190,24 +155,7 @@ class Engine:
         )
 
     def _gather(self, refs: list[Any], actors: list[Any]) -> list[Any]:
-        """Waits for every call; the first one that fails names its actor at once.
-
-        A failed rank leaves its peers blocked in a collective, so waiting for all of
-        them (``ray.get`` on the list) would hide the cause behind a collective timeout.
-        """
-        import ray
-
-        owner = {r.hex(): a for r, a in zip(refs, actors, strict=True)}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                except Exception as e:
-                    role, rank = self.owners.get(owner[ref.hex()]._actor_id.hex(), ("actor", -1))
-                    raise ActorFailure(role, rank, e) from e
-        return list(ray.get(refs))
+        return gather(refs, actors, self.owners)
 
     # -- resume ---------------------------------------------------------------
     def _resume(self) -> tuple[int, Checkpoint | None, str | None]:
@@ -492,118 +440,3 @@ class Engine:
             self.rt.close()
             if started_ray:
                 ray.shutdown()
-
-
-def _create_trainers(cfg: JobConfig, world_size: int, common: dict[str, Any], *, deferred: bool) -> list[Any]:
-    import ray
-
-    cls = ray.remote(num_cpus=1, num_gpus=cfg.trainer.gpus_per_rank, max_restarts=0)(
-        traced_actor(TrainerRank, TRAINER_METHODS)
-    )
-    return [
-        cls.remote(cfg, rank=r, world_size=world_size, deferred=deferred, **common) for r in range(world_size)
-    ]
-
-
-def _create_workers(cfg: JobConfig, common: dict[str, Any], *, deferred: bool) -> list[Any]:
-    import ray
-
-    cls: Any = ray.remote(num_cpus=1, max_restarts=0)(
-        traced_actor(rollout_worker_class(cfg), ROLLOUT_METHODS)
-    )
-    return [cls.remote(cfg, index=i, deferred=deferred, **common) for i in range(cfg.rollout.workers)]
-
-
-@dataclass
-class _Prewarmed:
-    attempt: int
-    world_size: int
-    trainers: list[Any]
-    workers: list[Any]  # empty when the rollout backend is not built ahead
-
-
-_prewarmed: _Prewarmed | None = None
-
-
-def prewarm_actors(
-    cfg: JobConfig,
-    run_dir: str | Path,
-    *,
-    attempt: int,
-    world_size: int,
-    daemon_url: str | None,
-    token: str | None,
-) -> None:
-    """A warm standby builds its attempt's actors ahead: processes up, torch and the model imported.
-
-    They report nothing until the attempt begins (``start_runtime``). Only on a local cluster
-    the standby owns: on a shared cluster they would hold slots the running attempt may need.
-    Torch rollout workers only: an SGLang worker launches servers, which must not run twice.
-    """
-    global _prewarmed
-    if cfg.ray.address != "local":
-        return
-    common = {"run_dir": str(run_dir), "attempt": attempt, "daemon_url": daemon_url, "token": token}
-    trainers = _create_trainers(cfg, world_size, common, deferred=True)
-    workers = _create_workers(cfg, common, deferred=True) if cfg.rollout.backend == "torch" else []
-    _prewarmed = _Prewarmed(attempt, world_size, trainers, workers)
-
-
-def _take_prewarmed(attempt: int, world_size: int) -> _Prewarmed | None:
-    """The actors built ahead for this attempt at this world size, if any (others are let go)."""
-    import ray
-
-    global _prewarmed
-    pre, _prewarmed = _prewarmed, None
-    if pre is None:
-        return None
-    if pre.attempt == attempt and pre.world_size == world_size:
-        return pre
-    for a in pre.trainers + pre.workers:
-        with contextlib.suppress(Exception):
-            ray.kill(a, no_restart=True)
-    return None
-
-
-class ActorFailure(RuntimeError):
-    """A trainer rank or rollout worker failed; names which one and why."""
-
-    def __init__(self, role: str, rank: int, cause: BaseException) -> None:
-        self.role, self.rank, self.cause = role, rank, cause
-        # A RayTaskError wraps the rank's own exception as .cause; name that one.
-        inner = getattr(cause, "cause", None) or cause
-        self.kind = type(inner).__name__
-        self.died = "ActorDied" in self.kind or "ActorUnavailable" in self.kind
-        text = str(inner).strip()
-        if self.died:
-            # Ray's text is a paragraph of possible causes; its first sentence is the fact.
-            first = text.split(". ")[0] if text else self.kind
-        else:
-            first = text.splitlines()[-1] if text else self.kind
-        why = "process died" if self.died else f"raised {self.kind}"
-        super().__init__(f"{role} {rank} {why}: {first[:300]}")
-
-
-class InsufficientSlots(RuntimeError):
-    """The cluster cannot host even trainer.min_world_size ranks."""
-
-
-class ControlInbox:
-    """Control requests from the daemon, delivered in reporter responses, applied at step boundaries."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seen = 0
-        self._queue: list[str] = []
-
-    def on_response(self, resp: dict[str, Any]) -> None:
-        with self._lock:
-            for cmd in resp.get("control") or []:
-                if isinstance(cmd, dict) and int(cmd.get("id", 0)) > self._seen:
-                    self._seen = int(cmd["id"])
-                    self._queue.append(str(cmd.get("action")))
-
-    def drain(self) -> list[str]:
-        with self._lock:
-            out, self._queue = self._queue, []
-        return out

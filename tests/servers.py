@@ -1,16 +1,45 @@
-"""Test helpers: a real uvicorn server on 127.0.0.1 (a free port) in a thread, and a fake controller."""
+"""Test helpers: a free loopback port, a real uvicorn server on one in a thread, a Prometheus-family
+binary (Prometheus, Alertmanager) started on one, and a fake controller."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import uvicorn
 from milepost.daemon.store import Store
+
+
+def free_port() -> int:
+    """A loopback port free now, outside Ray's worker port range."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not 10002 <= port <= 19999:  # Ray's worker port range
+            return port
+
+
+def start_prometheus_binary(
+    binary: str, config: Path, storage: str, *extra: str, log: IO[Any]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts Prometheus or Alertmanager (same flags) on a free loopback port; its output goes to ``log``.
+
+    ``storage`` is the whole storage flag (``--storage.tsdb.path=...`` or ``--storage.path=...``).
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}", storage, f"--web.listen-address=127.0.0.1:{port}", *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @contextmanager

@@ -24,6 +24,14 @@ def command_parser() -> tuple[argparse.ArgumentParser, Any]:
     return p, p.add_subparsers(dest="cmd", required=True)
 
 
+def add_job_arguments(sub: argparse.ArgumentParser) -> None:
+    """The job file and its run directory, as every command that runs a job takes them."""
+    sub.add_argument("job", help="job TOML file, e.g. examples/tiny-grpo-cpu.toml")
+    sub.add_argument(
+        "--run-dir", default=None, help="run directory (default: the job's run.run_dir or runs/<name>)"
+    )
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parses ``argv`` and runs the chosen command; a config error is exit code 2."""
     args = parser.parse_args(argv)

@@ -9,11 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
+from milepost.engine.actors import ActorFailure
 from milepost.engine.contract.config import job_from_dict
 from milepost.engine.contract.layout import RunDir
 from milepost.engine.contract.wire import StepRecord
-from milepost.engine.driver import ActorFailure, Engine, RunResult
+from milepost.engine.driver import Engine
 from milepost.engine.events import read_events
+from milepost.engine.step_result import RunResult
 
 from tests.conftest import tiny_job
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -23,6 +22,7 @@ from milepost.engine.driver import Engine
 from milepost.engine.events import read_events
 
 from tests.conftest import REPO, tiny_job
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.slow]
 
@@ -60,12 +60,6 @@ def test_tp2_trains_in_the_loop_and_resumes_at_tp1(tmp_path: Path) -> None:
 
 
 # -- in-process ranks (torch.multiprocessing, no Ray) -------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _batch(cfg: Any, step: int) -> dict[str, torch.Tensor]:
@@ -236,7 +230,7 @@ def _spawn(world: int, out: Path, jobs: list[tuple[str, str, dict[str, Any]]]) -
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env_path) if p)
     for _, sub, _ in jobs:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    args = [(mode, sub, _free_port(), doc) for mode, sub, doc in jobs]
+    args = [(mode, sub, free_port(), doc) for mode, sub, doc in jobs]
     try:
         mp.spawn(_rank_main, args=(world, str(out), args), nprocs=world, join=True)
     finally:

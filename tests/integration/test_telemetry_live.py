@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ import pytest
 
 from tests.harness import DaemonRun
 from tests.otlp_sink import OtlpSink, otlp_sink
+from tests.servers import start_prometheus_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -85,15 +85,6 @@ FAMILIES = [
 ]
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not 10002 <= port <= 19999:  # Ray's worker port range
-            return port
-
-
 def wait(what: str, pred: Callable[[], Any], timeout: float, diag: Callable[[], str] = lambda: "") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,25 +111,14 @@ class Live:
 
 def _start_prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen[bytes], str]:
     assert PROMETHEUS is not None
-    port = free_port()
     cfg = tmp / "prometheus.yml"
     cfg.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         f"scrape_configs:\n  - job_name: milepost\n    static_configs:\n      - targets: ['{target}']\n"
     )
+    storage = f"--storage.tsdb.path={tmp / 'prom-data'}"
     log = (tmp / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={cfg}",
-            f"--storage.tsdb.path={tmp / 'prom-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--enable-feature=exemplar-storage",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    return proc, f"http://127.0.0.1:{port}"
+    return start_prometheus_binary(PROMETHEUS, cfg, storage, "--enable-feature=exemplar-storage", log=log)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ and the webhook body Alertmanager itself sends has exactly the fields ours has."
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,18 +13,13 @@ from milepost.alerts.config import AlertsConfig, ReceiverConfig
 from milepost.alerts.payloads import webhook_payload
 from milepost.alerts.receivers import build_receiver
 
+from tests.servers import start_prometheus_binary
 from tests.unit.test_alerts_receivers import Capture, capture_server, make_notification
 
 AM = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 pytestmark = pytest.mark.skipif(
     AM is None, reason="no Alertmanager binary (apt-get install prometheus-alertmanager)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(cap: Capture, n: int, timeout_s: float) -> None:
@@ -44,31 +37,22 @@ def test_push_to_real_alertmanager_round_trips_to_its_webhook(tmp_path: Path) ->
             "repeat_interval: 1h}\n"
             f"receivers: [{{name: hook, webhook_configs: [{{url: '{cap.url}/am', send_resolved: true}}]}}]\n"
         )
-        port = _free_port()
-        log = (tmp_path / "am.log").open("w")
-        proc = subprocess.Popen(
-            [
-                AM,
-                f"--config.file={conf}",
-                f"--storage.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--cluster.listen-address=",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
+        log = (tmp_path / "am.log").open("wb")
+        proc, am_url = start_prometheus_binary(
+            AM, conf, f"--storage.path={tmp_path / 'data'}", "--cluster.listen-address=", log=log
         )
         try:
             deadline = time.monotonic() + 15
             while True:
                 try:
-                    if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=1).status_code == 200:
+                    if httpx.get(f"{am_url}/-/ready", timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 assert time.monotonic() < deadline and proc.poll() is None, "Alertmanager did not start"
                 time.sleep(0.1)
             rec = build_receiver(
-                ReceiverConfig(name="am", type="alertmanager", url=f"http://127.0.0.1:{port}"),
+                ReceiverConfig(name="am", type="alertmanager", url=am_url),
                 AlertsConfig(),
                 {},
             )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from milepost.daemon.client import DaemonClient, DaemonError, DaemonUnreachable
 from milepost.daemon.status_cli import format_status, main_status
 from milepost.daemon.store import Store
 
-from tests.servers import AppSlot, FakeController, serve
+from tests.servers import AppSlot, FakeController, free_port, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -320,12 +319,6 @@ def test_client_round_trips_every_endpoint(url: str, http: httpx.Client, control
     assert e.value.status_code == 401
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_client_from_run_dir_reads_but_never_creates_token(tmp_path: Path, url: str) -> None:
     with pytest.raises(DaemonUnreachable):
         DaemonClient.from_run_dir(tmp_path)
@@ -341,7 +334,7 @@ def test_client_from_run_dir_reads_but_never_creates_token(tmp_path: Path, url: 
         assert c.control("pause")["state"] == "PAUSED"
 
     with (
-        DaemonClient(f"http://127.0.0.1:{_free_port()}", timeout_s=2.0) as dead,
+        DaemonClient(f"http://127.0.0.1:{free_port()}", timeout_s=2.0) as dead,
         pytest.raises(DaemonUnreachable),
     ):
         dead.healthz()
@@ -382,7 +375,7 @@ def test_main_status_without_daemon_falls_back_to_store(
     assert "run tiny: FAILED (restart budget spent)" in out
     assert "last step 3/12" in out and "step_slow" in out and "checkpoint: step 2" in out
 
-    (tmp_path / "daemon.json").write_text(json.dumps({"url": f"http://127.0.0.1:{_free_port()}"}))
+    (tmp_path / "daemon.json").write_text(json.dumps({"url": f"http://127.0.0.1:{free_port()}"}))
     assert main_status(str(tmp_path)) == 1
     out, err = capsys.readouterr()
     assert "cannot reach the daemon" in err and "run tiny: FAILED" in out

@@ -186,7 +186,7 @@ def test_report_role_is_a_rank_role() -> None:
 
 
 def test_the_drivers_step_record_is_a_contract_step_record() -> None:
-    from milepost.engine.driver import StepResult
+    from milepost.engine.step_result import StepResult
 
     res = StepResult(
         step=3,

@@ -8,6 +8,7 @@ debounced failures, a dead server restarted and re-synced before it serves, stal
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,16 @@ def _fake(fakes: list[FakeSGLangServer], **kw: Any) -> FakeSGLangServer:
     return f
 
 
+@contextmanager
+def _running(cfg: Any, run_dir: Path) -> Iterator[SGLangRolloutWorker]:
+    """A rollout worker on ``cfg``'s servers, ticked by hand (no background thread); shut down on exit."""
+    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(run_dir), background=False)
+    try:
+        yield worker
+    finally:
+        worker.shutdown()
+
+
 def _kinds(run_dir: Path) -> list[str]:
     return [e.kind for e in read_events(run_dir)]
 
@@ -86,8 +97,7 @@ def _kinds(run_dir: Path) -> list[str]:
 def test_generate_round_trip(tmp_path: Path, fakes: list[FakeSGLangServer]) -> None:
     fake = _fake(fakes)
     cfg = _job(urls=[fake.url])
-    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path), background=False)
-    try:
+    with _running(cfg, tmp_path) as worker:
         worker.manager.tick()
         packet = _packet(cfg, 1)
         assert worker.update_weights(packet)["version"] == 1
@@ -105,8 +115,6 @@ def test_generate_round_trip(tmp_path: Path, fakes: list[FakeSGLangServer]) -> N
         assert (
             body["sampling_params"]["max_new_tokens"] == r and body["sampling_params"]["ignore_eos"] is True
         )
-    finally:
-        worker.shutdown()
 
 
 def test_weight_updates_track_the_version_of_each_server(
@@ -114,8 +122,7 @@ def test_weight_updates_track_the_version_of_each_server(
 ) -> None:
     a, b = _fake(fakes), _fake(fakes)
     cfg = _job(urls=[a.url, b.url])
-    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path), background=False)
-    try:
+    with _running(cfg, tmp_path) as worker:
         worker.manager.tick()
         for v in (1, 2):
             worker.update_weights(_packet(cfg, v))
@@ -139,21 +146,12 @@ def test_weight_updates_track_the_version_of_each_server(
         worker.generate(3, _prompts(cfg), expected_version=3)  # the round before it re-syncs b
         assert b.weight_version == "3"
         assert [s["weight_version"] for s in worker.health()["servers"]] == [3, 3]
-    finally:
-        worker.shutdown()
 
 
 def test_tensor_and_distributed_updates(tmp_path: Path, fakes: list[FakeSGLangServer]) -> None:
     fake = _fake(fakes)
     cfg = _job(urls=[fake.url], weight_update="tensor")
-    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path / "t"), background=False)
-    try:
-        worker.manager.tick()
-        packet = _packet(cfg, 4)
-        worker.update_weights(packet)
-        assert fake.weight_version == "4" and state_checksum(fake.weights or {}) == packet["checksum"]
-    finally:
-        worker.shutdown()
+    _update_once(SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path / "t"), background=False), fake, 4)
 
     class FakeChannel(SGLangRolloutWorker):
         """The NCCL group replaced by a hand-over to the fake: exercises the HTTP side of the protocol."""
@@ -172,15 +170,22 @@ def test_tensor_and_distributed_updates(tmp_path: Path, fakes: list[FakeSGLangSe
             group.distributed_inbox.put(tensor.clone())
 
     cfg = _job(urls=[fake.url], weight_update="distributed")
-    worker = FakeChannel(cfg, index=0, run_dir=str(tmp_path / "d"), background=False)
+    packet = _update_once(FakeChannel(cfg, index=0, run_dir=str(tmp_path / "d"), background=False), fake, 5)
+    body = [b for path, b in fake.requests if path == "POST /update_weights_from_distributed"][-1]
+    assert body["names"] == list(packet["state"]) and body["group_name"] == "milepost-w0"
+    assert body["shapes"][0] == list(next(iter(packet["state"].values())).shape)
+
+
+def _update_once(worker: SGLangRolloutWorker, fake: FakeSGLangServer, version: int) -> dict[str, Any]:
+    """One weight update through ``worker`` (shut down after); the fake then holds exactly those weights."""
     try:
         worker.manager.tick()
-        packet = _packet(cfg, 5)
+        packet = _packet(worker.cfg, version)
         worker.update_weights(packet)
-        assert fake.weight_version == "5" and state_checksum(fake.weights or {}) == packet["checksum"]
-        body = [b for path, b in fake.requests if path == "POST /update_weights_from_distributed"][-1]
-        assert body["names"] == list(packet["state"]) and body["group_name"] == "milepost-w0"
-        assert body["shapes"][0] == list(next(iter(packet["state"].values())).shape)
+        assert (
+            fake.weight_version == str(version) and state_checksum(fake.weights or {}) == packet["checksum"]
+        )
+        return packet
     finally:
         worker.shutdown()
 
@@ -257,8 +262,7 @@ def test_dead_server_is_restarted_and_resynced_before_it_serves(tmp_path: Path) 
 def test_stale_versions_are_refused(tmp_path: Path, fakes: list[FakeSGLangServer]) -> None:
     fake = _fake(fakes)
     cfg = _job(urls=[fake.url])
-    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path), background=False)
-    try:
+    with _running(cfg, tmp_path) as worker:
         worker.manager.tick()
         worker.update_weights(_packet(cfg, 1))
         with pytest.raises(StaleWeightsError, match="expects weights v2, worker holds v1"):
@@ -271,20 +275,15 @@ def test_stale_versions_are_refused(tmp_path: Path, fakes: list[FakeSGLangServer
         with pytest.raises(WeightSyncError, match="does not match"):
             worker.update_weights(bad)
         assert worker.version == 1
-    finally:
-        worker.shutdown()
 
 
 def test_no_server_with_the_version_is_an_error_naming_the_servers(tmp_path: Path) -> None:
     cfg = _job(urls=["http://127.0.0.1:9"], failure_threshold=1, startup_grace_s=0.01, request_timeout_s=0.5)
-    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path), background=False)
-    try:
+    with _running(cfg, tmp_path) as worker:
         worker.version = 0
         with pytest.raises(SGLangError, match=r"no SGLang server holds weights v0.*127\.0\.0\.1:9.*dead"):
             worker.generate(1, _prompts(cfg), expected_version=0)
         assert worker.manager.servers[0].state == DEAD
-    finally:
-        worker.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -344,8 +343,7 @@ def test_launched_subprocess_server_is_restarted_after_it_dies(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = _job(port_base=port, startup_grace_s=60.0, failure_threshold=1)
-    worker = SGLangRolloutWorker(cfg, index=0, run_dir=str(tmp_path / "run"), background=False)
-    try:
+    with _running(cfg, tmp_path / "run") as worker:
         worker.update_weights(_packet(cfg, 0))
         (server,) = worker.manager.servers
         proc = server.proc
@@ -359,5 +357,3 @@ def test_launched_subprocess_server_is_restarted_after_it_dies(
         assert server.restarts == 1 and server.proc is not proc
         assert worker.generate(2, _prompts(cfg), expected_version=0)["weight_version"] == 0
         assert "sglang_server_restarted" in _kinds(tmp_path / "run")
-    finally:
-        worker.shutdown()
