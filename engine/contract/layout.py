@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 STEPS_FILE = "steps.jsonl"
@@ -61,19 +62,24 @@ def flight_recorder_name(attempt: int, role: str, rank: int, group: str, seq: in
     return f"{flight_recorder_prefix(attempt)}{role}{rank}_{group}_{seq}.json"
 
 
+class _Under:
+    """A read-only attribute: the path of a fixed name under the object's ``path``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Path:
+        return Path(obj.path) / self.name
+
+
 class StandbyDir:
     """A warm standby's hand-shake folder: the standby writes ``ready`` (its pid), the daemon touches ``go``."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
-    @property
-    def ready(self) -> Path:
-        return self.path / STANDBY_READY
-
-    @property
-    def go(self) -> Path:
-        return self.path / STANDBY_GO
+    ready = _Under(STANDBY_READY)
+    go = _Under(STANDBY_GO)
 
 
 class RunDir:
@@ -88,47 +94,22 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    @property
-    def events(self) -> Path:
-        return self.path / EVENTS_FILE
-
-    @property
-    def steps(self) -> Path:
-        return self.path / STEPS_FILE
-
-    @property
-    def daemon_file(self) -> Path:
-        return self.path / DAEMON_FILE
-
-    @property
-    def token(self) -> Path:
-        return self.path / TOKEN_FILE
-
-    @property
-    def db(self) -> Path:
-        return self.path / DB_FILE
-
-    @property
-    def daemon_log(self) -> Path:
-        return self.path / DAEMON_LOG
-
-    @property
-    def daemon_out(self) -> Path:
-        return self.path / DAEMON_OUT
-
-    @property
-    def attempts(self) -> Path:
-        return self.path / ATTEMPTS_DIR
+    events = _Under(EVENTS_FILE)
+    steps = _Under(STEPS_FILE)
+    daemon_file = _Under(DAEMON_FILE)
+    token = _Under(TOKEN_FILE)
+    db = _Under(DB_FILE)
+    daemon_log = _Under(DAEMON_LOG)
+    daemon_out = _Under(DAEMON_OUT)
+    attempts = _Under(ATTEMPTS_DIR)
+    diagnostics = _Under(DIAGNOSTICS_DIR)
+    checkpoints = _Under(CHECKPOINTS_DIR)
 
     def attempt_log(self, attempt: int) -> Path:
         return self.attempts / attempt_log_name(attempt)
 
     def standby(self, attempt: int) -> StandbyDir:
         return StandbyDir(self.attempts / standby_dir_name(attempt))
-
-    @property
-    def diagnostics(self) -> Path:
-        return self.path / DIAGNOSTICS_DIR
 
     def diagnosis(self, diagnosis_id: int) -> Path:
         return self.diagnostics / diagnosis_dir_name(diagnosis_id)
@@ -139,7 +120,3 @@ class RunDir:
     def flight_recorder_dumps(self, attempt: int) -> list[Path]:
         """Every flight-recorder dump of ``attempt``, sorted by name."""
         return sorted(self.diagnostics.glob(flight_recorder_prefix(attempt) + "*.json"))
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS_DIR
