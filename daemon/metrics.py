@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from milepost.engine.contract.enums import RANK_ROLES, TERMINAL_RUN_STATES, Role, RunState, Severity
+from milepost.engine.contract.enums import (
+    RANK_ROLES,
+    TERMINAL_RUN_STATES,
+    RankStatus,
+    Role,
+    RunState,
+    Severity,
+)
 from milepost.engine.contract.events import EventKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -432,7 +439,7 @@ class RunMetrics:
         for (role, rank), r in ranks:
             if r.attempt != attempt:
                 continue
-            alive = r.state != "exited" and now - r.received <= self.timeouts.get(role, 30.0)
+            alive = r.state != RankStatus.EXITED and now - r.received <= self.timeouts.get(role, 30.0)
             values = [role, str(rank), r.node, str(r.attempt)]
             up.add_metric(values, 1.0 if alive else 0.0)
             hb.add_metric(values, r.ts)
