@@ -6,11 +6,11 @@ false positives of a healthy run, and a 4096-rank simulation through the real de
 Hangs are injected into the real daemon's run through its API, alternating the trainer
 rank: ``hang`` (SIGSTOP: a frozen rank), ``skip-collective`` (a desync) and ``stall``
 (stuck in compute before a collective), ``--hangs`` of each. Latency is onset (the
-``fault_injected`` event) to the ``CollectiveHang`` event; a culprit is right when the
+``fault_injected`` event) to the ``collective_hang`` event; a culprit is right when the
 diagnosis names exactly the injected rank with the expected kind. Then ``slow:1.25`` on
-one rank: time to its ``Straggler`` event. Then a healthy run, alone on the machine
-(``--healthy-beside``: beside the injections instead), counts any CollectiveHang or
-Straggler event. The last stdout line is one JSON object (keys in DESIGN.md's benchmarks).
+one rank: time to its ``straggler`` event. Then a healthy run, alone on the machine
+(``--healthy-beside``: beside the injections instead), counts any collective_hang or
+straggler event. The last stdout line is one JSON object (keys in DESIGN.md's benchmarks).
 Targets: median detection <= 10 s, culprit accuracy 100%, straggler flagged within 30 s,
 zero false positives, simulated precision and recall >= 0.99, tick <= 100 ms at 4096 ranks.
 """
@@ -55,7 +55,7 @@ def measure_hangs(client: Any, n: int) -> tuple[list[float], int, int, float | N
         client.inject(kind, role="trainer", rank=rank)
         fired = wait_for(f"{kind} to fire", lambda m=mark: _new_events(client, "fault_injected", m), 60)[0]
         hang = wait_for(
-            f"the diagnosis of {kind}", lambda m=mark: _new_events(client, "CollectiveHang", m), 120
+            f"the diagnosis of {kind}", lambda m=mark: _new_events(client, "collective_hang", m), 120
         )[0]
         latency = hang["ts"] - fired["ts"]
         culprits = hang["data"]["culprit_ranks"]
@@ -67,14 +67,14 @@ def measure_hangs(client: Any, n: int) -> tuple[list[float], int, int, float | N
             f"{kind:16s} rank {rank}: {hang['data']['diagnosis']} {culprits} in {latency:.1f}s {'ok' if ok else 'WRONG'}"
         )
         wait_for("the next attempt", lambda a=attempt: max(x["number"] for x in client.attempts()) > a, 120)
-    # Straggler: slow:1.25 on one rank of a healthy attempt.
+    # straggler: slow:1.25 on one rank of a healthy attempt.
     base = client.status()["step"]
     wait_for("steps before the straggler", lambda: client.status()["step"] >= base + 10, 180)
     mark = client.events(limit=1, newest_first=True)[0]["id"]
     client.inject("slow", role="trainer", rank=1, factor=1.25)
     fired = wait_for("slow to fire", lambda: _new_events(client, "fault_injected", mark), 60)[0]
     try:
-        flag = wait_for("a Straggler event", lambda: _new_events(client, "Straggler", mark), 120)[0]
+        flag = wait_for("a straggler event", lambda: _new_events(client, "straggler", mark), 120)[0]
         straggler_s: float | None = flag["ts"] - fired["ts"]
         log(f"straggler: {flag['message']} after {straggler_s:.1f}s")
     except SystemExit:
@@ -88,8 +88,8 @@ def healthy_false_positives(minutes: float) -> tuple[int, int]:
         while time.monotonic() < end:
             time.sleep(5)
         steps = client.status()["step"]
-        fp = len(client.events(kind="CollectiveHang", limit=5000)) + len(
-            client.events(kind="Straggler", limit=5000)
+        fp = len(client.events(kind="collective_hang", limit=5000)) + len(
+            client.events(kind="straggler", limit=5000)
         )
         log(f"healthy run: {steps} steps in {minutes:g} min, {fp} false positives")
     return fp, steps

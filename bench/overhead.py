@@ -342,7 +342,7 @@ def main() -> None:
         run_row = store.run() or {}
         restarts = max(0, len(store.attempts()) - 1)
         diagnoses = len(store.diagnoses())
-        stragglers = store.count_events("Straggler")
+        stragglers = store.count_events("straggler")
     finally:
         for j in jobs:
             j.kill()

@@ -8,7 +8,7 @@ account afresh. The rules:
   becomes the cause when the daemon then kills the attempt (``attempt_killed``);
 - otherwise the attempt's own word: ``attempt_failed`` data ``cause``, or the cause that
   ``attempt_ended`` carries; an attempt that vanished without a word is ``vanished``;
-- a ``Straggler`` event alone ends nothing and so names no cause;
+- a ``straggler`` event alone ends nothing and so names no cause;
 - a cause outside ``RESTART_REASONS`` is ``other`` (a bounded label set).
 """
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from milepost.engine.contract.events import EventKind
 
 RESTART_REASONS = (
     "actor_died",
@@ -30,13 +32,14 @@ RESTART_REASONS = (
     "vanished",
     "other",
 )
-HANG_KINDS = ("collective_hang", "hang_detected")
-# Daemon detections that end an attempt (event kinds, snake_cased); a Straggler event alone does not.
-DETECTIONS = ("heartbeat_lost", "progress_stalled", *HANG_KINDS)
+# "hang_detected" and the CamelCase "CollectiveHang" are older daemons' spellings, still in their stores.
+HANG_KINDS = (EventKind.COLLECTIVE_HANG, "hang_detected")
+# Daemon detections that end an attempt (event kinds, snake_cased); a straggler event alone does not.
+DETECTIONS = (EventKind.HEARTBEAT_LOST, EventKind.PROGRESS_STALLED, *HANG_KINDS)
 
 
 def snake(kind: str) -> str:
-    """``CollectiveHang`` -> ``collective_hang``."""
+    """``CollectiveHang`` (an older daemon's spelling) -> ``collective_hang``; snake_case stays as it is."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
 
 
@@ -52,7 +55,7 @@ def restart_reason(cause: str) -> str:
     """The bounded label for a cause."""
     c = snake(cause)
     if c in HANG_KINDS:
-        return "collective_hang"
+        return EventKind.COLLECTIVE_HANG.value
     return c if c in RESTART_REASONS else "other"
 
 
@@ -61,16 +64,18 @@ def classify(state: Causes, ev: dict[str, Any]) -> tuple[Causes, str | None]:
     kind = str(ev.get("kind", ""))
     kind_snake = snake(kind)
     data = ev.get("data") or {}
-    if kind == "attempt_launched" and ev.get("attempt") is not None:
+    if kind == EventKind.ATTEMPT_LAUNCHED and ev.get("attempt") is not None:
         return Causes(), None
     if kind_snake in DETECTIONS:
-        return Causes(state.cause, "collective_hang" if kind_snake in HANG_KINDS else kind_snake), None
-    if kind == "attempt_killed":
+        return Causes(
+            state.cause, EventKind.COLLECTIVE_HANG.value if kind_snake in HANG_KINDS else kind_snake
+        ), None
+    if kind == EventKind.ATTEMPT_KILLED:
         # The daemon ended the attempt: the cause is what it detected just before.
         return Causes(state.detected or state.cause, state.detected), None
-    if kind == "attempt_failed":
+    if kind == EventKind.ATTEMPT_FAILED:
         return Causes(state.cause or str(data.get("cause", "")), state.detected), None
-    if kind == "attempt_ended":
+    if kind == EventKind.ATTEMPT_ENDED:
         cause = state.cause
         said = data.get("cause")
         if isinstance(said, dict) and not cause:
@@ -78,6 +83,6 @@ def classify(state: Causes, ev: dict[str, Any]) -> tuple[Causes, str | None]:
         if not cause and "vanished" in str(ev.get("message", "")):
             cause = "vanished"
         return Causes(cause, state.detected), None
-    if kind == "restart_scheduled":
+    if kind == EventKind.RESTART_SCHEDULED:
         return Causes(), restart_reason(state.cause)
     return state, None

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from milepost.engine.contract.config import OpsView
+from milepost.engine.contract.enums import TERMINAL_RUN_STATES, ControlAction, Role, RunState
+from milepost.engine.contract.events import EventKind
 
 from . import liveness
 from .attempt import RunningAttempt
@@ -25,12 +27,18 @@ from .detect import StragglerDetector
 from .goodput import GoodputLedger
 from .store import Store
 
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-ALLOWED = {
-    "pause": ("RUNNING", "RECOVERING"),
-    "resume": ("PAUSED",),
-    "stop": ("RUNNING", "RECOVERING", "PAUSED", "STARTING"),
-    "checkpoint": ("RUNNING",),
+# The run states each control action is accepted in.
+ALLOWED: dict[str, tuple[RunState, ...]] = {
+    ControlAction.PAUSE: (RunState.RUNNING, RunState.RECOVERING),
+    ControlAction.RESUME: (RunState.PAUSED,),
+    ControlAction.STOP: (RunState.RUNNING, RunState.RECOVERING, RunState.PAUSED, RunState.STARTING),
+    ControlAction.CHECKPOINT: (RunState.RUNNING,),
+}
+# The run's state once an action is accepted (a checkpoint leaves it as it is).
+AFTER: dict[str, RunState] = {
+    ControlAction.PAUSE: RunState.PAUSED,
+    ControlAction.RESUME: RunState.RUNNING,
+    ControlAction.STOP: RunState.STOPPING,
 }
 
 
@@ -41,7 +49,7 @@ def compute_goodput(
     run = store.run() or {}
     now = now or time.time()
     start = run.get("created_at") or now
-    end = now if run.get("state") not in TERMINAL else (run.get("updated_at") or now)
+    end = now if run.get("state") not in TERMINAL_RUN_STATES else (run.get("updated_at") or now)
     ledger = ledger or GoodputLedger.of(store.iter_steps())
     return ledger.summary(
         created_at=start, end=end, attempts=store.attempts(), lost_s=store.offset("lost_progress_ms") / 1000.0
@@ -92,12 +100,12 @@ class RunController:
             if state not in allowed:
                 raise ValueError(f"cannot {action} a run in state {state}; allowed in {', '.join(allowed)}")
             self.queue_control(action)
-            new_state = {"pause": "PAUSED", "resume": "RUNNING", "stop": "STOPPING"}.get(action, state)
+            new_state = AFTER.get(action, state)
             self.store.set_run_state(
-                new_state, f"{action} requested" if action != "checkpoint" else run["reason"]
+                new_state, f"{action} requested" if action != ControlAction.CHECKPOINT else run["reason"]
             )
-            self.emit(f"control_{action}", f"{action} requested through the API")
-            if action == "resume":
+            self.emit(EventKind.control(action), f"{action} requested through the API")
+            if action == ControlAction.RESUME:
                 # Paused time is not a stall.
                 self.attempt.last_step_ts = max(self.attempt.last_step_ts, time.time())
             return {"action": action, "accepted": True, "state": new_state}
@@ -118,8 +126,8 @@ class RunController:
             latest[key] = rep
             self.bus.report(rep)
             if key[0] == current:
-                driver_seen = driver_seen or key[1] == "driver"
-                if key[1] == "trainer":
+                driver_seen = driver_seen or key[1] == Role.DRIVER
+                if key[1] == Role.TRAINER:
                     self.stragglers.add_report(key[2], rep)
         # A replayed backlog is many snapshots of the same ranks: write each rank's newest once.
         for key, rep in latest.items():
@@ -142,7 +150,7 @@ class RunController:
                 raise ValueError("no attempt is running: nothing to inject into")
             spec = FaultSpec(
                 kind=fault["kind"],
-                role=fault.get("role", "trainer"),
+                role=fault.get("role", Role.TRAINER),
                 rank=int(fault.get("rank", 0)),
                 step=int(fault.get("step", 0)),
                 factor=float(fault.get("factor", 1.5)),
@@ -151,7 +159,9 @@ class RunController:
             entry = {"id": self._fault_id, **spec.model_dump(mode="json")}
             self.faults.append(entry)
             self.emit(
-                "fault_requested", f"fault {spec.kind} requested for {spec.role} {spec.rank}", fault=entry
+                EventKind.FAULT_REQUESTED,
+                f"fault {spec.kind} requested for {spec.role} {spec.rank}",
+                fault=entry,
             )
             return {"accepted": True, **entry}
 
@@ -192,14 +202,14 @@ class RunController:
         return {
             "run_id": run.get("id", ""),
             "name": run.get("name", ""),
-            "state": run.get("state", "STARTING"),
+            "state": run.get("state", RunState.STARTING),
             "reason": run.get("reason", ""),
             "step": last["step"] if last else 0,
             "target_steps": run.get("target_steps", self.ops.run.steps),
             "attempt": attempt.get("number", 0),
             "world_size": attempt.get("world_size") or self.ops.trainer.world_size,
             "goodput": gp["goodput"],
-            "restarts": self.store.count_events("restart_scheduled"),
+            "restarts": self.store.count_events(EventKind.RESTART_SCHEDULED),
             "started_at": run.get("created_at", 0.0),
             "updated_at": run.get("updated_at", 0.0),
             "reward_mean": last.get("reward_mean") if last else None,

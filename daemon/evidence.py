@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from milepost.engine.contract.layout import RunDir, stack_file_name
+
 PY_SPY_TIMEOUT_S = 10.0
 JOIN_TIMEOUT_S = 15.0
 
@@ -21,7 +23,7 @@ def collect(
     run_dir: Path, diag_id: int, attempt: int, ranks: list[dict[str, Any]], *, stacks: bool
 ) -> dict[str, Any]:
     """``ranks``: the store's rank rows; those of ``attempt`` with a pid are dumped when ``stacks``."""
-    out = run_dir / "diagnostics" / f"diagnosis_{diag_id}"
+    out = RunDir(run_dir).diagnosis(diag_id)
     out.mkdir(parents=True, exist_ok=True)
     evidence: dict[str, Any] = {"dir": str(out), "stacks": {}, "flight_recorder": []}
     if stacks:
@@ -29,17 +31,14 @@ def collect(
         for r in ranks:
             if r["attempt"] != attempt or not r["data"].get("pid"):
                 continue
-            name = f"{r['role']}{r['rank']}"
-            t = threading.Thread(
-                target=py_spy, args=(int(r["data"]["pid"]), out / f"stack_{name}.txt"), daemon=True
-            )
+            name, dest = f"{r['role']}{r['rank']}", out / stack_file_name(r["role"], r["rank"])
+            t = threading.Thread(target=py_spy, args=(int(r["data"]["pid"]), dest), daemon=True)
             t.start()
-            threads.append((name, t))
-        for name, t in threads:
+            threads.append((name, dest, t))
+        for name, dest, t in threads:
             t.join(timeout=JOIN_TIMEOUT_S)
-            evidence["stacks"][name] = str(out / f"stack_{name}.txt")
-    prefix = f"fr_attempt{attempt}_"
-    evidence["flight_recorder"] = sorted(str(p) for p in (run_dir / "diagnostics").glob(prefix + "*.json"))
+            evidence["stacks"][name] = str(dest)
+    evidence["flight_recorder"] = [str(p) for p in RunDir(run_dir).flight_recorder_dumps(attempt)]
     return evidence
 
 

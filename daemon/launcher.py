@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from milepost.engine.contract.layout import RunDir, StandbyDir
+from milepost.engine.contract.process import RUN_ID_ENV, TOKEN_ENV
+
 from . import procs
 
 STANDBY_MARKER = "--standby-dir"  # in a standby's command line
@@ -72,20 +75,20 @@ class Launcher:
     def env(self) -> dict[str, str]:
         env = {
             **os.environ,
-            "MILEPOST_TOKEN": self.token,
+            TOKEN_ENV: self.token,
             "PYTHONUNBUFFERED": "1",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
-            "MILEPOST_RUN_ID": self.run_id(),  # a trace resource attribute
+            RUN_ID_ENV: self.run_id(),  # a trace resource attribute
         }
         env.setdefault("RAY_AUTH_MODE", "disabled")
         return env
 
     def spawn(self, n: int, standby_dir: Path | None = None) -> subprocess.Popen[bytes]:
         """Starts attempt ``n`` (as a standby waiting in ``standby_dir`` when given)."""
-        logs = self.run_dir / "attempts"
-        logs.mkdir(exist_ok=True)
-        with (logs / f"attempt_{n}.log").open("ab") as out:
+        run_dir = RunDir(self.run_dir)
+        run_dir.attempts.mkdir(exist_ok=True)
+        with run_dir.attempt_log(n).open("ab") as out:
             # A session of its own: the attempt outlives the daemon (separate failure domains).
             return self.popen(
                 self.command(n, standby_dir),
@@ -121,7 +124,7 @@ class Standby:
     proc: subprocess.Popen[bytes]
 
     def ready(self) -> bool:
-        return self.proc.poll() is None and (self.dir / "ready").exists()
+        return self.proc.poll() is None and StandbyDir(self.dir).ready.exists()
 
 
 class WarmStandby:
@@ -138,7 +141,7 @@ class WarmStandby:
             procs.kill_group(orphan)
 
     def spawn(self, n: int) -> None:
-        where = self.launcher.run_dir / "attempts" / f"standby_{n}"
+        where = RunDir(self.launcher.run_dir).standby(n).path
         if where.exists():
             shutil.rmtree(where, ignore_errors=True)
         self.held = Standby(n, where, self.launcher.spawn(n, where))
@@ -149,7 +152,7 @@ class WarmStandby:
         sb = self.held
         if sb is None or sb.attempt != n or not sb.ready():
             return None
-        (sb.dir / "go").touch()
+        StandbyDir(sb.dir).go.touch()
         self.held = None
         return sb.proc
 

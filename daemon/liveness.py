@@ -20,10 +20,12 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from milepost.engine.contract.config import SupervisorConfig
+from milepost.engine.contract.enums import RankStatus, Role
+from milepost.engine.contract.events import EventKind
 
 
 class Verdict(NamedTuple):
-    kind: str
+    kind: EventKind
     message: str
     data: dict[str, Any]
 
@@ -37,9 +39,9 @@ def progress_bound(recent_step_s: Iterable[float], cfg: SupervisorConfig) -> flo
 
 def heartbeat_timeouts(cfg: SupervisorConfig) -> dict[str, float]:
     return {
-        "driver": cfg.heartbeat_timeout_driver_s,
-        "trainer": cfg.heartbeat_timeout_trainer_s,
-        "rollout": cfg.heartbeat_timeout_rollout_s,
+        Role.DRIVER: cfg.heartbeat_timeout_driver_s,
+        Role.TRAINER: cfg.heartbeat_timeout_trainer_s,
+        Role.ROLLOUT: cfg.heartbeat_timeout_rollout_s,
     }
 
 
@@ -63,12 +65,12 @@ def check(
     floor = max(daemon_started, attempt_started)
     for r in ranks:
         d = r["data"]
-        if r["attempt"] != attempt or d.get("state") == "exited":
+        if r["attempt"] != attempt or d.get("state") == RankStatus.EXITED:
             continue
         age = now - max(float(d.get("ts", 0)), floor)
         if age > timeouts.get(r["role"], 30.0):
             return Verdict(
-                "heartbeat_lost",
+                EventKind.HEARTBEAT_LOST,
                 f"{r['role']} {r['rank']} (pid {d.get('pid')} on {d.get('host')}) sent no heartbeat for "
                 f"{age:.0f}s (limit {timeouts[r['role']]:.0f}s); last seen at step {d.get('step')} in phase "
                 f"{d.get('phase')}",
@@ -78,7 +80,7 @@ def check(
         waited = now - max(attempt_started, daemon_started)
         if waited > cfg.startup_grace_s:
             return Verdict(
-                "progress_stalled",
+                EventKind.PROGRESS_STALLED,
                 f"attempt {attempt} took no step in {waited:.0f}s after start "
                 f"(startup grace {cfg.startup_grace_s:.0f}s)",
                 {"waited_s": waited},
@@ -88,7 +90,7 @@ def check(
     waited = now - max(last_step_ts, daemon_started)
     if waited > bound:
         return Verdict(
-            "progress_stalled",
+            EventKind.PROGRESS_STALLED,
             f"no step for {waited:.0f}s (bound {bound:.0f}s = max(floor, {cfg.progress_factor:g} x median "
             f"step time)); ranks' phases: {phases(ranks)}",
             {"waited_s": waited, "bound_s": bound},

@@ -71,7 +71,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
 
     from .api import create_app
     from .auth import load_or_create_token
-    from .store import Store
+    from .store import SchemaTooNew, Store
     from .supervisor import Supervisor
     from .telemetry_service import Telemetry
 
@@ -90,7 +90,11 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     host = ops.supervisor.api_host
     port = _pick_port(run_dir, host, ops.supervisor.api_port)
     url = f"http://{host}:{port}"
-    store = Store(run_dir)
+    try:
+        store = Store(run_dir)
+    except SchemaTooNew as e:  # the message names the file and both versions
+        print(f"milepost daemon: {e}", file=sys.stderr)
+        return 2
     token = load_or_create_token(run_dir)
     sv = ops.supervisor
     telemetry = Telemetry.for_daemon(

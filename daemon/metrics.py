@@ -21,6 +21,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from milepost.engine.contract.enums import (
+    RANK_ROLES,
+    TERMINAL_RUN_STATES,
+    RankStatus,
+    Role,
+    RunState,
+    Severity,
+)
+from milepost.engine.contract.events import EventKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -32,10 +41,19 @@ STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 30
 PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PHASES = ("rollout", "reward", "train", "weight_sync", "checkpoint")
-ROLES = ("driver", "trainer", "rollout")
-RUN_STATES = ("STARTING", "RUNNING", "PAUSED", "RECOVERING", "STOPPING", "SUCCEEDED", "FAILED", "STOPPED")
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-SEVERITIES = ("info", "warning", "error", "critical")
+ROLES = RANK_ROLES
+# The exposition's order (PAUSED before RECOVERING), not RunState's: keep it as it was.
+RUN_STATES = (
+    RunState.STARTING,
+    RunState.RUNNING,
+    RunState.PAUSED,
+    RunState.RECOVERING,
+    RunState.STOPPING,
+    RunState.SUCCEEDED,
+    RunState.FAILED,
+    RunState.STOPPED,
+)
+SEVERITIES = tuple(Severity)
 # Step record key -> (gauge, help, labels): exported once the first finite value arrives.
 # The keys are also the values of milepost_nonfinite_values_total{metric}.
 LEARNING: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -84,7 +102,12 @@ class RunMetrics:
     ) -> None:
         """``run_info``: the run row (id, state, created_at, updated_at), read at scrape time."""
         self.run_info = run_info or (lambda: None)
-        self.timeouts = {"driver": 30.0, "trainer": 20.0, "rollout": 30.0, **(heartbeat_timeouts or {})}
+        self.timeouts = {
+            Role.DRIVER: 30.0,
+            Role.TRAINER: 20.0,
+            Role.ROLLOUT: 30.0,
+            **(heartbeat_timeouts or {}),
+        }
         self.clock = clock
         self.collectives = CollectiveMetrics()
         self.gpu = gpu if gpu is not None else GpuMetrics()
@@ -309,24 +332,24 @@ class RunMetrics:
         """A run event; ``restart_reason``: the newest restart's, as ``daemon.causes`` classified it."""
         kind = str(ev.get("kind", ""))
         data = ev.get("data") or {}
-        sev = str(ev.get("severity", "info"))
-        self.events.labels(sev if sev in SEVERITIES else "info").inc()
-        if kind == "attempt_launched" and ev.get("attempt") is not None:
+        sev = str(ev.get("severity", Severity.INFO))
+        self.events.labels(sev if sev in SEVERITIES else Severity.INFO).inc()
+        if kind == EventKind.ATTEMPT_LAUNCHED and ev.get("attempt") is not None:
             with self._lock:
                 self._new_attempt(max(self._attempt, int(ev["attempt"])))
-        elif kind == "restart_scheduled":
+        elif kind == EventKind.RESTART_SCHEDULED:
             self.restarts.labels(restart_reason if restart_reason in RESTART_REASONS else "other").inc()
-        elif kind == "checkpoint_committed":
+        elif kind == EventKind.CHECKPOINT_COMMITTED:
             self.checkpoints.labels("committed").inc()
             if (total := _finite(data.get("total_s"))) is not None and total >= 0:
                 self.ckpt_duration.labels("total").observe(total)
             self.last_ckpt_ts.set(_finite(ev.get("ts")) or self.clock())
-        elif kind in ("checkpoint_failed", "checkpoint_skipped"):
+        elif kind in (EventKind.CHECKPOINT_FAILED, EventKind.CHECKPOINT_SKIPPED):
             self.checkpoints.labels(kind.removeprefix("checkpoint_")).inc()
         if snake(kind) in HANG_KINDS:
             self.hangs.inc()
 
-    def set_straggler_score(self, rank: int, score: float, role: str = "trainer") -> None:
+    def set_straggler_score(self, rank: int, score: float, role: str = Role.TRAINER) -> None:
         """The detector's score of a rank (1 = typical); a non-finite score is counted, not shown."""
         f = _finite(score)
         if f is None:
@@ -363,9 +386,9 @@ class RunMetrics:
     def live(self) -> Iterator[Metric]:
         info = self._info()
         now = self.clock()
-        state = str(info.get("state") or "STARTING")
+        state = str(info.get("state") or RunState.STARTING)
         created = _finite(info.get("created_at")) or self._started
-        end = (_finite(info.get("updated_at")) or now) if state in TERMINAL else now
+        end = (_finite(info.get("updated_at")) or now) if state in TERMINAL_RUN_STATES else now
         wall = CounterMetricFamily(
             "milepost_wallclock_seconds",
             "Wall time since the run was created (stops when it ends); goodput = productive's increase / this",
@@ -416,7 +439,7 @@ class RunMetrics:
         for (role, rank), r in ranks:
             if r.attempt != attempt:
                 continue
-            alive = r.state != "exited" and now - r.received <= self.timeouts.get(role, 30.0)
+            alive = r.state != RankStatus.EXITED and now - r.received <= self.timeouts.get(role, 30.0)
             values = [role, str(rank), r.node, str(r.attempt)]
             up.add_metric(values, 1.0 if alive else 0.0)
             hb.add_metric(values, r.ts)

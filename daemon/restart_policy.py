@@ -8,7 +8,7 @@ ended and whether the run finishes or restarts. The verdicts:
   step, else SUCCEEDED;
 - otherwise the attempt FAILED, with the daemon's detection, the attempt's own word, or
   its exit code as the reason, and then:
-  - a resume whose state checksum did not match its manifest (exit code 3 or the event)
+  - a resume whose state checksum did not match its manifest (``ExitCode.RESUME_MISMATCH`` or the event)
     -> the run FAILED: a restart would load the same state again;
   - a stop was requested -> the run STOPPED;
   - the restart cap (``max_restarts``) is reached -> the run FAILED;
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from milepost.engine.contract.config import SupervisorConfig
+from milepost.engine.contract.enums import AttemptState, RunState
+from milepost.engine.contract.process import ExitCode
 
-EXIT_RESUME_MISMATCH = 3  # mirrors milepost.engine.cli (not imported: it pulls in torch)
 GONE = "gone"  # the exit "code" of a re-attached attempt that ended: not our child, no code
 
 
@@ -57,9 +58,9 @@ class PolicyState:
 
 @dataclass(frozen=True)
 class Decision:
-    attempt_state: str  # how the attempt ended: SUCCEEDED, STOPPED or FAILED
+    attempt_state: AttemptState  # how the attempt ended: SUCCEEDED, STOPPED or FAILED
     failure: str  # why it failed ("" for a clean end)
-    run_state: str | None  # SUCCEEDED, STOPPED or FAILED: the run finishes; None: it restarts
+    run_state: RunState | None  # SUCCEEDED, STOPPED or FAILED: the run finishes; None: it restarts
     reason: str  # the run's reason: why it finishes, or why it restarts
     delay_s: float = 0.0  # before the restart
     state: PolicyState = PolicyState()  # the policy state after this decision
@@ -82,24 +83,30 @@ def failure_reason(o: Outcome) -> str:
 def decide(o: Outcome, state: PolicyState, cfg: SupervisorConfig, target_steps: int) -> Decision:
     if o.detected is None and o.finished is not None and o.code in (0, GONE):
         stopped = bool(o.finished.get("data", {}).get("stopped"))
-        ended = "STOPPED" if stopped else "SUCCEEDED"
+        ended = AttemptState.STOPPED if stopped else AttemptState.SUCCEEDED
         if stopped:
-            return Decision(ended, "", "STOPPED", f"stopped on request at step {o.step}", state=state)
+            return Decision(ended, "", RunState.STOPPED, f"stopped on request at step {o.step}", state=state)
         if o.step >= target_steps:
-            return Decision(ended, "", "SUCCEEDED", f"reached step {o.step}", state=state)
+            return Decision(ended, "", RunState.SUCCEEDED, f"reached step {o.step}", state=state)
         return Decision(
             ended,
             "",
-            "STOPPED",
+            RunState.STOPPED,
             f"attempt ended at step {o.step} before the target {target_steps}",
             state=state,
         )
     reason = failure_reason(o)
-    if o.code == EXIT_RESUME_MISMATCH or o.resume_mismatch:
-        return Decision("FAILED", reason, "FAILED", f"resume verification failed: {reason}", state=state)
+    if o.code == ExitCode.RESUME_MISMATCH or o.resume_mismatch:
+        return Decision(
+            AttemptState.FAILED, reason, RunState.FAILED, f"resume verification failed: {reason}", state=state
+        )
     if o.stop_requested:
         return Decision(
-            "FAILED", reason, "STOPPED", f"stopped on request; the attempt ended: {reason}", state=state
+            AttemptState.FAILED,
+            reason,
+            RunState.STOPPED,
+            f"stopped on request; the attempt ended: {reason}",
+            state=state,
         )
     after = PolicyState(
         failures_in_row=1 if o.progressed else state.failures_in_row + 1,
@@ -108,10 +115,10 @@ def decide(o: Outcome, state: PolicyState, cfg: SupervisorConfig, target_steps: 
     )
     if state.restarts >= cfg.max_restarts:
         why = f"restart cap reached ({state.restarts} restarts); last failure: {reason}"
-        return Decision("FAILED", reason, "FAILED", why, state=after)
+        return Decision(AttemptState.FAILED, reason, RunState.FAILED, why, state=after)
     if after.no_progress >= cfg.no_progress_restarts:
         why = f"{after.no_progress} attempts in a row made no progress; last failure: {reason}"
-        return Decision("FAILED", reason, "FAILED", why, state=after)
+        return Decision(AttemptState.FAILED, reason, RunState.FAILED, why, state=after)
     delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (after.failures_in_row - 1))
     after = PolicyState(after.failures_in_row, after.no_progress, state.restarts + 1)
-    return Decision("FAILED", reason, None, reason, delay_s=delay, state=after)
+    return Decision(AttemptState.FAILED, reason, None, reason, delay_s=delay, state=after)

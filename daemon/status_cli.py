@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from milepost.daemon.client import DaemonClient, DaemonError
-from milepost.daemon.store import Store
+from milepost.daemon.store import SchemaTooNew, Store
 from milepost.engine.contract.layout import RunDir
 
 N_EVENTS = 5
@@ -147,12 +147,18 @@ def format_store(run_dir: str | Path) -> str:
 
 def _no_daemon(run_dir: str, why: Exception) -> int:
     print(f"milepost status: {why}", file=sys.stderr)
-    print(format_store(run_dir))
+    try:
+        text = format_store(run_dir)
+    except SchemaTooNew as e:  # the message names the file and both versions
+        print(f"milepost status: {e}", file=sys.stderr)
+        return 2
+    print(text)
     return 1
 
 
 def main_status(run_dir: str) -> int:
-    """Print the run's status; 1 (after printing what the store knows) when no daemon answers."""
+    """Print the run's status; 1 (after printing what the store knows) when no daemon answers;
+    2 when the store's schema is newer than this milepost."""
     try:
         client = DaemonClient.from_run_dir(run_dir)
     except (DaemonError, ValueError) as e:  # ValueError: an empty token file

@@ -25,21 +25,31 @@ from pathlib import Path
 from typing import Any
 
 from milepost.engine.contract.config import OpsView
-from milepost.engine.events import EVENTS_FILE
+from milepost.engine.contract.enums import (
+    TERMINAL_RUN_STATES,
+    AttemptState,
+    ControlAction,
+    Role,
+    RunState,
+    Severity,
+)
+from milepost.engine.contract.events import EventKind
+from milepost.engine.contract.layout import EVENTS_FILE, STEPS_FILE
+from milepost.engine.contract.process import ExitCode
 
 from . import evidence, liveness, procs
 from .attempt import RunningAttempt
 from .bus import EventBus
-from .controller import TERMINAL, RunController
+from .controller import RunController
 from .detect import Diagnosis, HangDetector
 from .goodput import GoodputLedger
 from .launcher import Launcher, WarmStandby
 from .metrics import RunMetrics
-from .restart_policy import EXIT_RESUME_MISMATCH, GONE, Outcome, PolicyState, decide
+from .restart_policy import GONE, Outcome, PolicyState, decide
 from .store import Store
-from .tailer import STEPS_FILE, Tailer
+from .tailer import Tailer
 
-__all__ = ["STEPS_FILE", "TERMINAL", "Supervisor"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -109,30 +119,39 @@ class Supervisor:
         self._tail()
         self.standby.end_orphan()
         last = self.store.last_attempt()
-        if run["state"] in TERMINAL:
-            self.event("daemon_started", f"run already {run['state']}: {run['reason']}")
+        if run["state"] in TERMINAL_RUN_STATES:
+            self.event(EventKind.DAEMON_STARTED, f"run already {run['state']}: {run['reason']}")
             self.done.set()
             return
-        if last and last["state"] == "RUNNING" and last["pid"] and procs.runs(last["pid"], "milepost"):
+        if (
+            last
+            and last["state"] == AttemptState.RUNNING
+            and last["pid"]
+            and procs.runs(last["pid"], "milepost")
+        ):
             a = self.attempt
             a.number, a.pid, a.started = last["number"], last["pid"], last["started_at"]
             a.start_step = last["start_step"] or 0
             a.last_step_ts = time.time()
-            if run["state"] == "PAUSED":
-                self.controller.queue_control("pause")
+            if run["state"] == RunState.PAUSED:
+                self.controller.queue_control(ControlAction.PAUSE)
             self.event(
-                "daemon_reattached",
+                EventKind.DAEMON_REATTACHED,
                 f"re-attached to running attempt {last['number']} (pid {last['pid']}); no new attempt",
                 attempt=last["number"],
             )
             return
-        if last and last["state"] == "RUNNING":
+        if last and last["state"] == AttemptState.RUNNING:
             self.store.update_attempt(
-                last["number"], state="LOST", ended_at=time.time(), reason="daemon restarted"
+                last["number"], state=AttemptState.LOST, ended_at=time.time(), reason="daemon restarted"
             )
-            self.event("attempt_lost", f"attempt {last['number']} ended while the daemon was down", "warning")
+            self.event(
+                EventKind.ATTEMPT_LOST,
+                f"attempt {last['number']} ended while the daemon was down",
+                Severity.WARNING,
+            )
             self.attempt.number = last["number"]
-        self.event("daemon_started", f"supervising {self.job}")
+        self.event(EventKind.DAEMON_STARTED, f"supervising {self.job}")
         self._launch()
 
     def loop(self, tick_s: float = 0.5) -> None:
@@ -152,7 +171,7 @@ class Supervisor:
         """``subprocess.Popen`` at the supervisor's own priority (``Launcher.popen``)."""
         return self.launcher.popen(cmd, **kwargs)
 
-    def event(self, kind: str, message: str, severity: str = "info", **data: Any) -> None:
+    def event(self, kind: str, message: str, severity: str = Severity.INFO, **data: Any) -> None:
         """The daemon's own event: stored, then published."""
         attempt = data.pop("attempt", self.attempt.number if self.attempt.number >= 0 else None)
         step = data.pop("step", None)
@@ -163,7 +182,7 @@ class Supervisor:
                 "message": message,
                 "severity": severity,
                 "attempt": attempt,
-                "role": "daemon",
+                "role": Role.DAEMON,
                 "step": step,
                 "data": data,
             }
@@ -193,14 +212,14 @@ class Supervisor:
             self.store.update_attempt(n, start_step=a.start_step)
             self.store.clear_ranks()
             run = self.store.run()
-            if run and run["state"] == "PAUSED":
-                self.controller.queue_control("pause")
+            if run and run["state"] == RunState.PAUSED:
+                self.controller.queue_control(ControlAction.PAUSE)
             else:
-                self.store.set_run_state("RUNNING" if n == 0 else "RECOVERING")
+                self.store.set_run_state(RunState.RUNNING if n == 0 else RunState.RECOVERING)
             self.next_launch_at = None
             how = "from its warm standby" if warm else "cold"
             self.event(
-                "attempt_launched",
+                EventKind.ATTEMPT_LAUNCHED,
                 f"attempt {n} launched {how} (pid {proc.pid})",
                 attempt=n,
                 pid=proc.pid,
@@ -214,7 +233,9 @@ class Supervisor:
             return
         if reason is not None:
             self.event(
-                "attempt_killed", f"ending attempt {self.attempt.number} (pid {pid}): {reason}", "warning"
+                EventKind.ATTEMPT_KILLED,
+                f"ending attempt {self.attempt.number} (pid {pid}): {reason}",
+                Severity.WARNING,
             )
         procs.kill_group(pid, or_process=True)
         if self.attempt.proc is not None:
@@ -246,12 +267,12 @@ class Supervisor:
             finished=said.get("finished"),
             failed=said.get("failed"),
             resume_mismatch=bool(said.get("resume_mismatch")),
-            stop_requested=(self.store.run() or {}).get("state") == "STOPPING",
+            stop_requested=(self.store.run() or {}).get("state") == RunState.STOPPING,
         )
-        policy = replace(self.policy, restarts=self.store.count_events("restart_scheduled"))
+        policy = replace(self.policy, restarts=self.store.count_events(EventKind.RESTART_SCHEDULED))
         d = decide(outcome, policy, self.ops.supervisor, self.ops.run.steps)
         self.policy = d.state
-        if d.attempt_state != "FAILED":
+        if d.attempt_state != AttemptState.FAILED:
             self.store.update_attempt(
                 n,
                 state=d.attempt_state,
@@ -262,12 +283,17 @@ class Supervisor:
         else:
             exit_code = code if isinstance(code, int) else None
             self.store.update_attempt(
-                n, state="FAILED", ended_at=time.time(), reason=d.failure, last_step=step, exit_code=exit_code
+                n,
+                state=AttemptState.FAILED,
+                ended_at=time.time(),
+                reason=d.failure,
+                last_step=step,
+                exit_code=exit_code,
             )
             self.event(
-                "attempt_ended",
+                EventKind.ATTEMPT_ENDED,
                 f"attempt {n} failed at step {step}: {d.failure}",
-                "error",
+                Severity.ERROR,
                 exit_code=exit_code,
                 cause=(outcome.failed or {}).get("data", {}),
             )
@@ -275,21 +301,23 @@ class Supervisor:
             self._finish(d.run_state, d.reason)
             return
         self.next_launch_at = time.time() + d.delay_s
-        self.store.set_run_state("RECOVERING", d.reason)
+        self.store.set_run_state(RunState.RECOVERING, d.reason)
         self.event(
-            "restart_scheduled",
+            EventKind.RESTART_SCHEDULED,
             f"restarting from the newest verified checkpoint in {d.delay_s:.1f}s (restart {d.state.restarts}, "
             f"{d.state.no_progress} without progress): {d.reason}",
-            "warning",
+            Severity.WARNING,
             delay_s=d.delay_s,
             reason=d.reason,
         )
 
-    def _finish(self, state: str, reason: str) -> None:
+    def _finish(self, state: RunState, reason: str) -> None:
         self.standby.drop()
         self.store.set_run_state(state, reason)
         self.event(
-            f"run_{state.lower()}", f"run {state}: {reason}", "info" if state != "FAILED" else "critical"
+            EventKind.run_ended(state),
+            f"run {state}: {reason}",
+            Severity.INFO if state != RunState.FAILED else Severity.CRITICAL,
         )
         self.done.set()
 
@@ -298,31 +326,31 @@ class Supervisor:
         self._tail()
         a = self.attempt
         run = self.store.run() or {}
-        if run.get("state") in TERMINAL:
+        if run.get("state") in TERMINAL_RUN_STATES:
             self.done.set()
             return
         if a.pid is None:
-            if run.get("state") == "STOPPING":
-                self._finish("STOPPED", "stopped on request between attempts")
+            if run.get("state") == RunState.STOPPING:
+                self._finish(RunState.STOPPED, "stopped on request between attempts")
             elif self.next_launch_at is not None and time.time() >= self.next_launch_at:
                 self._launch()
             return
         if a.outcome.get("resume_mismatch"):
             self._kill_attempt("resume verification failed")
-            self._on_attempt_end(EXIT_RESUME_MISMATCH)
+            self._on_attempt_end(ExitCode.RESUME_MISMATCH)
             return
         code = self._attempt_exit_code()
         if code is None and a.outcome.get("failed") is not None:
             # It said why, after its actors were gone and any save in flight had landed: its own
             # Ray teardown (seconds) is not worth waiting for before the next attempt starts.
             self._kill_attempt(None)
-            code = 1
+            code = ExitCode.ERROR
         if code is not None:
             self._tail()  # the attempt's last words may have landed since the tick began
             self._on_attempt_end(code)
             return
-        if run.get("state") in ("RECOVERING",) and a.last_step_ts > a.started:
-            self.store.set_run_state("RUNNING")
+        if run.get("state") == RunState.RECOVERING and a.last_step_ts > a.started:
+            self.store.set_run_state(RunState.RUNNING)
         if self.ops.supervisor.standby and self.standby.held is None and a.last_step_ts > a.started:
             self.standby.spawn(a.number + 1)
         if self.ops.detection.enabled:
@@ -334,12 +362,12 @@ class Supervisor:
                 return
         problem = self._check_liveness()
         if problem is not None:
-            self.event(problem.kind, problem.message, "error", **problem.data)
+            self.event(problem.kind, problem.message, Severity.ERROR, **problem.data)
             self._kill_attempt(problem.message)
             self._on_attempt_end(-9, detected=problem.message)
 
     def _check_liveness(self) -> liveness.Verdict | None:
-        if (self.store.run() or {}).get("state") == "PAUSED":
+        if (self.store.run() or {}).get("state") == RunState.PAUSED:
             return None
         a = self.attempt
         return liveness.check(
@@ -355,7 +383,7 @@ class Supervisor:
 
     def _check_hang(self) -> Diagnosis | None:
         run = self.store.run() or {}
-        if run.get("state") == "PAUSED":
+        if run.get("state") == RunState.PAUSED:
             return None
         if time.time() - self.started_at < 2 * self.ops.detection.stale_heartbeat_s:
             return None  # a (re)started daemon: the ranks' buffered reports are still arriving
@@ -386,9 +414,9 @@ class Supervisor:
             }
         )
         self.event(
-            "CollectiveHang",
+            EventKind.COLLECTIVE_HANG,
             diag.message,
-            "critical",
+            Severity.CRITICAL,
             diagnosis_id=diag_id,
             diagnosis=diag.kind,
             culprit_ranks=culprits,
@@ -408,10 +436,10 @@ class Supervisor:
         stragglers = self.controller.stragglers
         for flag in stragglers.evaluate(time.time()):
             self.event(
-                "Straggler",
+                EventKind.STRAGGLER,
                 flag.message,
-                "warning",
-                role="trainer",
+                Severity.WARNING,
+                role=Role.TRAINER,
                 rank=flag.rank,
                 relative_score=round(flag.relative, 3),
                 individual_score=round(flag.individual, 3),
@@ -456,7 +484,7 @@ class Supervisor:
         """What a rank's event changes: the store's checkpoints and attempts, and the attempt's outcome."""
         kind, data, attempt = ev.get("kind"), ev.get("data") or {}, ev.get("attempt")
         current = self.attempt.number
-        if kind == "checkpoint_committed":
+        if kind == EventKind.CHECKPOINT_COMMITTED:
             self.store.upsert_checkpoint(
                 ev["step"],
                 path=data.get("path"),
@@ -470,18 +498,18 @@ class Supervisor:
             for c in self.store.checkpoints():
                 if c["status"] == "committed" and c["path"] and not Path(c["path"]).exists():
                     self.store.upsert_checkpoint(c["step"], status="pruned", reason="retention (keep_last)")
-        elif kind == "checkpoint_skipped":
+        elif kind == EventKind.CHECKPOINT_SKIPPED:
             self.store.upsert_checkpoint(ev["step"], status="skipped", reason=ev.get("message", ""))
-        elif kind == "attempt_started" and attempt is not None:
+        elif kind == EventKind.ATTEMPT_STARTED and attempt is not None:
             self.store.update_attempt(attempt, world_size=data.get("world_size"))
-        elif kind == "resume_verified" and attempt is not None:
+        elif kind == EventKind.RESUME_VERIFIED and attempt is not None:
             self.store.update_attempt(attempt, verified=1, resumed_from=ev.get("step"))
-        elif kind == "resume_verification_failed" and attempt == current:
+        elif kind == EventKind.RESUME_VERIFICATION_FAILED and attempt == current:
             self.store.update_attempt(attempt, verified=0, resumed_from=ev.get("step"))
             self.attempt.outcome["resume_mismatch"] = ev
-        elif kind == "attempt_finished" and attempt == current:
+        elif kind == EventKind.ATTEMPT_FINISHED and attempt == current:
             self.attempt.outcome["finished"] = ev
-        elif kind == "attempt_failed" and attempt == current:
+        elif kind == EventKind.ATTEMPT_FAILED and attempt == current:
             self.attempt.outcome["failed"] = ev
-        elif kind == "run_paused":
-            self.store.set_run_state("PAUSED")
+        elif kind == EventKind.RUN_PAUSED:
+            self.store.set_run_state(RunState.PAUSED)

@@ -17,8 +17,6 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-STEPS_FILE = "steps.jsonl"
-
 
 class Offsets(Protocol):
     def offset(self, name: str) -> int: ...

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .contract.config import JobConfig
+from .contract.enums import Role, Severity
+from .contract.events import EventKind
 from .generate import generate
 from .model import build_policy
 from .runtime import RuntimeActor, RuntimeArgs
@@ -58,10 +60,10 @@ class RolloutWorkerBase(RuntimeActor):
         self.task = Task(cfg.task)
         self.version = -1  # no weights synced from the trainer yet
         self.checksum = ""
-        self.open_runtime(cfg, "rollout", index, run_dir, **runtime)
+        self.open_runtime(cfg, Role.ROLLOUT, index, run_dir, **runtime)
 
     def info(self) -> dict[str, Any]:
-        return {"role": "rollout", "rank": self.index, "pid": os.getpid(), "host": socket.gethostname()}
+        return {"role": Role.ROLLOUT, "rank": self.index, "pid": os.getpid(), "host": socket.gethostname()}
 
     # -- weights ----------------------------------------------------------------
     def update_weights(self, packet: dict[str, Any]) -> dict[str, Any]:
@@ -75,9 +77,9 @@ class RolloutWorkerBase(RuntimeActor):
             got = state_checksum(state)
             if got != announced:
                 self.events.emit(
-                    "weight_sync_failed",
+                    EventKind.WEIGHT_SYNC_FAILED,
                     f"weights v{version}: checksum {got[:12]} != announced {announced[:12]}; keeping v{self.version}",
-                    severity="error",
+                    severity=Severity.ERROR,
                     version=version,
                 )
                 raise WeightSyncError(
@@ -101,9 +103,11 @@ class RolloutWorkerBase(RuntimeActor):
         if self.version != expected_version:
             msg = f"rollout {self.index}: step {step} expects weights v{expected_version}, worker holds v{self.version}"
             if not self.cfg.rollout.allow_stale_weights:
-                self.events.emit("stale_weights", msg, severity="error", step=step)
+                self.events.emit(EventKind.STALE_WEIGHTS, msg, severity=Severity.ERROR, step=step)
                 raise StaleWeightsError(msg)
-            self.events.emit("stale_weights", msg + " (allowed by config)", severity="warning", step=step)
+            self.events.emit(
+                EventKind.STALE_WEIGHTS, msg + " (allowed by config)", severity=Severity.WARNING, step=step
+            )
         t0 = time.perf_counter()
         with self.inst.step(step), self.inst.phase("rollout"):
             responses, logprobs = self._sample(step, prompts, expected_version)

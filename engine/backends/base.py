@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..contract.enums import Severity
+from ..contract.events import EventKind
+
 if TYPE_CHECKING:
     from ..contract.config import JobConfig
     from ..events import EventSink
@@ -65,9 +68,9 @@ def minibatch_parts(n: int, minibatches: int, shards: int, index: int) -> list[t
 def note_skipped_update(ctx: BackendContext, step: int, grad_norm: float, skipped: int) -> None:
     """A non-finite gradient norm (the same on every rank): the update was skipped everywhere."""
     ctx.events.emit(
-        "nonfinite_gradients",
+        EventKind.NONFINITE_GRADIENTS,
         f"step {step}: gradient norm {grad_norm}; update skipped on every rank",
-        severity="error",
+        severity=Severity.ERROR,
         step=step,
         skipped_updates=skipped,
     )

@@ -67,8 +67,8 @@ class EventKind(StrEnum):
     # -- daemon: detection -------------------------------------------------------------
     HEARTBEAT_LOST = "heartbeat_lost"
     PROGRESS_STALLED = "progress_stalled"
-    COLLECTIVE_HANG = "collective_hang"  # emitted as "CollectiveHang" until the supervisor switches
-    STRAGGLER = "straggler"  # emitted as "Straggler" until the supervisor switches
+    COLLECTIVE_HANG = "collective_hang"  # "CollectiveHang" in stores of older daemons
+    STRAGGLER = "straggler"  # "Straggler" in stores of older daemons
 
     @classmethod
     def run_ended(cls, state: RunState) -> EventKind:

@@ -45,7 +45,7 @@ def _trainer(run: DaemonRun, rank: int) -> dict[str, Any]:
 
 
 def _hang(run: DaemonRun) -> dict[str, Any]:
-    return run.wait("a CollectiveHang diagnosis", lambda: run.events("CollectiveHang"), 90)[0]
+    return run.wait("a collective_hang diagnosis", lambda: run.events("collective_hang"), 90)[0]
 
 
 def _recovered(run: DaemonRun, after_step: int) -> None:
@@ -91,14 +91,14 @@ def test_skipped_collective_names_the_desynced_rank(run: DaemonRun) -> None:
 def test_slow_rank_is_flagged_and_no_other(run: DaemonRun) -> None:
     client = run.start()
     run.wait_step(8)
-    assert not run.events("Straggler")
+    assert not run.events("straggler")
     client.inject("slow", role="trainer", rank=0, factor=1.5)
-    flagged = run.wait("a Straggler event", lambda: run.events("Straggler"), 90)
+    flagged = run.wait("a straggler event", lambda: run.events("straggler"), 90)
     assert [e["data"]["rank"] for e in flagged] == [0]
     assert flagged[0]["data"]["relative_score"] > 1.12
     run.wait_step(client.status()["step"] + 10, timeout=60)
-    assert [e["data"]["rank"] for e in run.events("Straggler")] == [0]
-    assert not run.events("CollectiveHang")
+    assert [e["data"]["rank"] for e in run.events("straggler")] == [0]
+    assert not run.events("collective_hang")
 
 
 def test_healthy_run_with_checkpoints_and_slow_first_steps_reports_nothing(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_healthy_run_with_checkpoints_and_slow_first_steps_reports_nothing(tmp_p
         run.start()
         assert run.wait_state("SUCCEEDED", "FAILED")["state"] == "SUCCEEDED"
         assert run.events("fault_injected")  # the slow first step did happen
-        assert not run.events("CollectiveHang") and not run.events("Straggler")
+        assert not run.events("collective_hang") and not run.events("straggler")
         assert len(run.events("checkpoint_committed")) >= 50
     finally:
         run.cleanup()

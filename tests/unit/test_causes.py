@@ -20,6 +20,10 @@ def test_a_detection_names_the_cause_when_the_daemon_kills() -> None:
     assert fold({"kind": "HeartbeatLost"}, {"kind": "attempt_killed"}, {"kind": "restart_scheduled"}) == [
         "heartbeat_lost"
     ]
+    assert fold({"kind": "collective_hang"}, {"kind": "attempt_killed"}, {"kind": "restart_scheduled"}) == [
+        "collective_hang"
+    ]
+    # An older daemon's spelling, still in its store.
     assert fold({"kind": "CollectiveHang"}, {"kind": "attempt_killed"}, {"kind": "restart_scheduled"}) == [
         "collective_hang"
     ]
@@ -27,7 +31,7 @@ def test_a_detection_names_the_cause_when_the_daemon_kills() -> None:
 
 def test_the_attempts_own_word_and_its_absence() -> None:
     failed = {"kind": "attempt_failed", "data": {"cause": "actor_error"}}
-    assert fold({"kind": "Straggler"}, failed, {"kind": "attempt_ended"}, {"kind": "restart_scheduled"}) == [
+    assert fold({"kind": "straggler"}, failed, {"kind": "attempt_ended"}, {"kind": "restart_scheduled"}) == [
         "actor_error"
     ]
     ended = {"kind": "attempt_ended", "data": {"cause": {"cause": "driver_error"}}}

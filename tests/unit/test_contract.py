@@ -122,10 +122,6 @@ def test_enum_values_are_todays_wire_strings() -> None:
     )
 
 
-# Spelled by the supervisor until it emits EventKind.COLLECTIVE_HANG and EventKind.STRAGGLER.
-_NOT_YET_SWITCHED = {"CollectiveHang", "Straggler"}
-
-
 def test_every_event_kind_emitted_is_an_event_kind() -> None:
     kinds = {k.value for k in EventKind}
     emitted: dict[str, str] = {}
@@ -142,7 +138,7 @@ def test_every_event_kind_emitted_is_an_event_kind() -> None:
                     and isinstance(first.value, str)
                 ):
                     emitted[first.value] = f"{path.relative_to(ROOT)}:{node.lineno}"
-    unknown = {k: where for k, where in emitted.items() if k not in kinds | _NOT_YET_SWITCHED}
+    unknown = {k: where for k, where in emitted.items() if k not in kinds}
     assert not unknown, f"event kinds missing from EventKind: {unknown}"
 
 

@@ -114,7 +114,7 @@ def feed_everything(m: RunMetrics) -> None:
         {"kind": "attempt_failed", "data": {"cause": "actor_died"}},
         {"kind": "restart_scheduled", "severity": "warning"},
         {"kind": "checkpoint_committed", "ts": T0, "data": {"total_s": 1.25}},
-        {"kind": "CollectiveHang", "severity": "critical"},
+        {"kind": "collective_hang", "severity": "critical"},
     ):
         bus.event(ev)
     m.set_straggler_score(1, 2.5)
@@ -268,9 +268,9 @@ def test_restart_reasons_name_the_cause(m: RunMetrics) -> None:
     sequences = {
         "actor_died": ["attempt_failed:actor_died", "attempt_ended", "restart_scheduled"],
         "heartbeat_lost": ["heartbeat_lost", "attempt_killed", "attempt_ended", "restart_scheduled"],
-        "collective_hang": ["CollectiveHang", "attempt_killed", "attempt_ended", "restart_scheduled"],
+        "collective_hang": ["collective_hang", "attempt_killed", "attempt_ended", "restart_scheduled"],
         # A straggler event does not end the attempt: the actor error that follows does.
-        "actor_error": ["Straggler", "attempt_failed:actor_error", "attempt_ended", "restart_scheduled"],
+        "actor_error": ["straggler", "attempt_failed:actor_error", "attempt_ended", "restart_scheduled"],
         "other": ["attempt_ended", "restart_scheduled"],
     }
     bus = EventBus()

@@ -125,3 +125,37 @@ def test_a_failing_step_leaves_the_database_at_the_step_before(tmp_path: Path) -
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "a" in names and "b" not in names
     db.close()
+
+
+def _too_new(run_dir: Path) -> None:
+    Store(run_dir).close()
+    db = sqlite3.connect(run_dir / DB_FILE)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+
+
+def test_status_on_a_store_too_new_says_so_in_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from milepost.daemon.status_cli import main_status
+
+    _too_new(tmp_path)
+    assert main_status(str(tmp_path)) == 2
+    out, err = capsys.readouterr()
+    line = err.splitlines()[-1]
+    assert line.startswith("milepost status: ") and str(tmp_path / DB_FILE) in line
+    assert f"version {SCHEMA_VERSION + 1}" in line and f"({SCHEMA_VERSION})" in line
+    assert "Traceback" not in err and out == ""
+
+
+def test_the_daemon_on_a_store_too_new_says_so_in_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from milepost.daemon.main import serve
+
+    _too_new(tmp_path)
+    job = Path(__file__).parents[2] / "examples" / "tiny-grpo-cpu.toml"
+    assert serve(str(job), tmp_path, ray_address=None, exit_when_done=True) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("milepost daemon: ") and str(tmp_path / DB_FILE) in err
+    assert f"version {SCHEMA_VERSION + 1}" in err and f"({SCHEMA_VERSION})" in err

@@ -32,6 +32,7 @@ import math
 import warnings
 from typing import Any
 
+from ...contract.events import EventKind
 from ...task import Task
 from ..base import BackendContext
 from .layout import rebind_megatron_collectives
@@ -136,7 +137,7 @@ class MegatronBackend(ModelBuild, TrainStep, CheckpointState):
         self._mesh: Any = None
         self._device_mesh()  # a collective (new groups): now, with every rank here
         ctx.events.emit(
-            "megatron_layout",
+            EventKind.MEGATRON_LAYOUT,
             f"rank {ctx.rank}: Megatron tp {self.tp_rank}/{tp}, pp {self.pp_rank}/{pp}, dp {self.dp_rank}/{self.dp}"
             + (
                 ""

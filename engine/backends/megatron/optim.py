@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ...contract.enums import Severity
+from ...contract.events import EventKind
 from .layout import MegatronLayout, Param
 
 
@@ -147,7 +149,9 @@ class MegatronOptimizer:
         ok, grad_norm, _ = self.opt.step()
         if not ok:
             self.be.ctx.events.emit(
-                "optimizer_step_skipped", "Megatron optimizer skipped a step", severity="warning"
+                EventKind.OPTIMIZER_STEP_SKIPPED,
+                "Megatron optimizer skipped a step",
+                severity=Severity.WARNING,
             )
         self._steps += 1
         return float(grad_norm or 0.0)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ...contract.config import SGLangConfig
+from ...contract.enums import Severity
+from ...contract.events import EventKind
 from ...events import EventSink
 from .client import SGLangClient
 from .servers import Launcher, ServerProcess, ServerSpec
@@ -71,7 +73,9 @@ class ServerManager:
             proc = self.launcher(spec)
             client = SGLangClient(proc.url, timeout_s=self.cfg.request_timeout_s)
             self.servers.append(Server(spec=spec, client=client, proc=proc, started_at=self.clock()))
-            self.events.emit("sglang_server_launched", f"SGLang server {proc.url} launched", url=proc.url)
+            self.events.emit(
+                EventKind.SGLANG_SERVER_LAUNCHED, f"SGLang server {proc.url} launched", url=proc.url
+            )
 
     def _set(self, s: Server, state: str, why: str) -> None:
         if s.state != state:
@@ -96,7 +100,9 @@ class ServerManager:
                 self._set(s, HEALTHY, "health_generate answered")
                 s.ever_healthy = True
                 if was == DEAD:
-                    self.events.emit("sglang_server_back", f"SGLang server {s.url} answers again", url=s.url)
+                    self.events.emit(
+                        EventKind.SGLANG_SERVER_BACK, f"SGLang server {s.url} answers again", url=s.url
+                    )
             return
         warming = not s.ever_healthy and now - s.started_at < cfg.startup_grace_s
         if warming:
@@ -114,7 +120,10 @@ class ServerManager:
         if s.state != DEAD:
             self._set(s, DEAD, why)
             self.events.emit(
-                "sglang_server_dead", f"SGLang server {s.url}: {detail or why}", severity="error", url=s.url
+                EventKind.SGLANG_SERVER_DEAD,
+                f"SGLang server {s.url}: {detail or why}",
+                severity=Severity.ERROR,
+                url=s.url,
             )
         self._restart(s)
 
@@ -135,9 +144,9 @@ class ServerManager:
         s.started_at, s.failures, s.version, s.ever_healthy = self.clock(), 0, -1, False
         self._set(s, STARTING, f"restart {s.restarts}")
         self.events.emit(
-            "sglang_server_restarted",
+            EventKind.SGLANG_SERVER_RESTARTED,
             f"SGLang server {s.url} restarted ({s.restarts}/{self.cfg.max_restarts})",
-            severity="warning",
+            severity=Severity.WARNING,
             url=s.url,
             restarts=s.restarts,
         )

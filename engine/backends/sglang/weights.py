@@ -19,6 +19,8 @@ import httpx
 import torch
 
 from ...contract.config import JobConfig, SGLangConfig
+from ...contract.enums import Severity
+from ...contract.events import EventKind
 from ...events import EventSink
 from ...task import Task
 from ..megatron.convert import hf_llama_config
@@ -107,7 +109,7 @@ class WeightPush:
             return
         previous, s.version = s.version, self.version
         self.events.emit(
-            "sglang_weights_loaded",
+            EventKind.SGLANG_WEIGHTS_LOADED,
             f"SGLang server {s.url} holds weights v{self.version} ({mode}; had v{previous})",
             url=s.url,
             version=self.version,
@@ -117,7 +119,11 @@ class WeightPush:
     def _push_failed(self, s: Server, message: str) -> None:
         s.version = -1  # unknown: the next resync pushes again
         self.events.emit(
-            "sglang_weight_push_failed", message, severity="error", url=s.url, version=self.version
+            EventKind.SGLANG_WEIGHT_PUSH_FAILED,
+            message,
+            severity=Severity.ERROR,
+            url=s.url,
+            version=self.version,
         )
 
     def _push_distributed(self, s: Server) -> None:

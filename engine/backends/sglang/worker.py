@@ -17,6 +17,8 @@ import httpx
 import torch
 
 from ...contract.config import JobConfig
+from ...contract.enums import Severity
+from ...contract.events import EventKind
 from ...rollout import RolloutWorkerBase, StaleWeightsError
 from ...runtime import RuntimeArgs
 from .client import SGLangError
@@ -95,7 +97,9 @@ class SGLangRolloutWorker(WeightPush, RolloutWorkerBase):
                 self.manager.tick()
                 self.manager.resync(self.version)
             except Exception as e:  # the loop must survive anything a server does
-                self.events.emit("sglang_health_error", f"health round failed: {e!r}", severity="warning")
+                self.events.emit(
+                    EventKind.SGLANG_HEALTH_ERROR, f"health round failed: {e!r}", severity=Severity.WARNING
+                )
 
     def info(self) -> dict[str, Any]:
         return {
@@ -165,9 +169,9 @@ class SGLangRolloutWorker(WeightPush, RolloutWorkerBase):
                         s.failures += 1
                         self.manager._set(s, UNHEALTHY, f"generate failed: {e}")
                     self.events.emit(
-                        "sglang_generate_failed",
+                        EventKind.SGLANG_GENERATE_FAILED,
                         f"SGLang server {s.url}: {e}",
-                        severity="warning",
+                        severity=Severity.WARNING,
                         url=s.url,
                     )
                     failed += shard
@@ -179,7 +183,7 @@ class SGLangRolloutWorker(WeightPush, RolloutWorkerBase):
                             f"rollout {self.index}: SGLang server {s.url} generated with weight version "
                             f"{served}, expected v{expected_version}"
                         )
-                        self.events.emit("stale_weights", msg, severity="error", step=step)
+                        self.events.emit(EventKind.STALE_WEIGHTS, msg, severity=Severity.ERROR, step=step)
                         raise StaleWeightsError(msg)
                     outputs[i] = out
             pending = failed
