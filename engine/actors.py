@@ -4,6 +4,8 @@ standby, or at once), waiting on their calls, and naming the one that failed."""
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,15 +110,26 @@ class InsufficientSlots(RuntimeError):
     """The cluster cannot host even trainer.min_world_size ranks."""
 
 
+DEATH_GRACE_S = 2.0  # how long a rank's error waits for a peer's death to be reported
+
+
 def gather(refs: list[Any], actors: list[Any], owners: dict[str, tuple[str, int]]) -> list[Any]:
     """Waits for every call; the first one that fails names its actor at once.
 
     A failed rank leaves its peers blocked in a collective, so waiting for all of
     them (``ray.get`` on the list) would hide the cause behind a collective timeout.
+    A rank that died makes its peers' collectives fail at once ("Connection closed by
+    peer"), often before Ray reports the death itself: an error that is not a death
+    waits up to ``DEATH_GRACE_S`` for a peer's death, which is then the cause named.
     """
     import ray
 
     owner = {r.hex(): a for r, a in zip(refs, actors, strict=True)}
+
+    def failure(ref: Any, e: BaseException) -> ActorFailure:
+        role, rank = owners.get(owner[ref.hex()]._actor_id.hex(), ("actor", -1))
+        return ActorFailure(role, rank, e)
+
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
@@ -124,6 +137,25 @@ def gather(refs: list[Any], actors: list[Any], owners: dict[str, tuple[str, int]
             try:
                 ray.get(ref)
             except Exception as e:
-                role, rank = owners.get(owner[ref.hex()]._actor_id.hex(), ("actor", -1))
-                raise ActorFailure(role, rank, e) from e
+                first = failure(ref, e)
+                raise (first if first.died else _death_among(pending, failure) or first) from e
     return list(ray.get(refs))
+
+
+def _death_among(
+    pending: list[Any], failure: Callable[[Any, BaseException], ActorFailure]
+) -> ActorFailure | None:
+    """The first of ``pending`` whose actor is reported dead within ``DEATH_GRACE_S``, if any."""
+    import ray
+
+    deadline = time.monotonic() + DEATH_GRACE_S
+    while pending and (left := deadline - time.monotonic()) > 0:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as e:
+                f = failure(ref, e)
+                if f.died:
+                    return f
+    return None
