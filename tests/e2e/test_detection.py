@@ -14,20 +14,22 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DaemonRun, job_doc
+from tests.harness import DaemonRun, e2e_job
 
 pytestmark = pytest.mark.slow
 
 
 def job(steps: int = 400, **sections: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "run": {"name": "detect", "seed": 3, "steps": steps},
-        "grpo": {"prompts_per_step": 16, "group_size": 4, "minibatches": 2},
-        "trainer": {"world_size": 2, "collective_timeout_s": 120.0},
-        "checkpoint": {"interval": 5, "keep_last": 3},
-        "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 1.0},
-    }
-    return job_doc(doc, **sections)
+    return e2e_job(
+        "detect",
+        seed=3,
+        steps=steps,
+        prompts_per_step=16,
+        collective_timeout_s=120.0,
+        checkpoint_interval=5,
+        backoff_max_s=1.0,
+        **sections,
+    )
 
 
 @pytest.fixture
