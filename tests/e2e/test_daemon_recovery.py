@@ -20,16 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def job(steps: int = 8, **sections: Any) -> dict[str, Any]:
-    base = e2e_job(
-        "e2e",
-        seed=11,
-        steps=steps,
-        prompts_per_step=8,
-        collective_timeout_s=60.0,
-        checkpoint_interval=2,
-        backoff_max_s=2.0,
-        supervisor={"startup_grace_s": 120.0},
-    )
+    base = e2e_job("e2e", seed=11, steps=steps, supervisor={"startup_grace_s": 120.0})
     return job_doc(base, **sections)
 
 

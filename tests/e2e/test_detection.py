@@ -14,22 +14,22 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DaemonRun, e2e_job
+from tests.harness import DaemonRun, e2e_job, job_doc
 
 pytestmark = pytest.mark.slow
 
 
 def job(steps: int = 400, **sections: Any) -> dict[str, Any]:
-    return e2e_job(
+    base = e2e_job(
         "detect",
         seed=3,
         steps=steps,
-        prompts_per_step=16,
-        collective_timeout_s=120.0,
-        checkpoint_interval=5,
-        backoff_max_s=1.0,
-        **sections,
+        grpo={"prompts_per_step": 16},
+        trainer={"collective_timeout_s": 120.0},
+        checkpoint={"interval": 5},
+        supervisor={"backoff_max_s": 1.0},
     )
+    return job_doc(base, **sections)
 
 
 @pytest.fixture
