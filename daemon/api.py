@@ -242,13 +242,24 @@ def create_app(
     def goodput() -> dict[str, Any]:
         return json_safe(controller.goodput())
 
-    @app.get(f"{API}/ranks", response_model=Ranks, dependencies=read_deps, responses=read_errors)
-    def ranks() -> dict[str, Any]:
-        return {"ranks": json_safe(controller.ranks())}
+    def list_route(key: str, model: type[BaseModel], rows: Callable[[], list[dict[str, Any]]]) -> None:
+        """GET ``{API}/<key>``: ``{key: rows()}``, guarded like every read."""
 
-    @app.get(f"{API}/attempts", response_model=Attempts, dependencies=read_deps, responses=read_errors)
-    def attempts() -> dict[str, Any]:
-        return {"attempts": json_safe(store.attempts())}
+        def endpoint() -> dict[str, Any]:
+            return {key: json_safe(rows())}
+
+        app.add_api_route(
+            f"{API}/{key}",
+            endpoint,
+            methods=["GET"],
+            name=key,
+            response_model=model,
+            dependencies=read_deps,
+            responses=read_errors,
+        )
+
+    list_route("ranks", Ranks, controller.ranks)
+    list_route("attempts", Attempts, store.attempts)
 
     @app.get(f"{API}/events", response_model=Events, dependencies=read_deps, responses=read_errors)
     def events(
@@ -271,13 +282,8 @@ def create_app(
     ) -> dict[str, Any]:
         return {"steps": json_safe(store.steps(since=since, limit=limit))}
 
-    @app.get(f"{API}/checkpoints", response_model=Checkpoints, dependencies=read_deps, responses=read_errors)
-    def checkpoints() -> dict[str, Any]:
-        return {"checkpoints": json_safe(store.checkpoints())}
-
-    @app.get(f"{API}/diagnoses", response_model=Diagnoses, dependencies=read_deps, responses=read_errors)
-    def diagnoses() -> dict[str, Any]:
-        return {"diagnoses": json_safe(controller.diagnoses())}
+    list_route("checkpoints", Checkpoints, store.checkpoints)
+    list_route("diagnoses", Diagnoses, controller.diagnoses)
 
     @app.post(
         FAULTS_PATH,

@@ -17,13 +17,13 @@ from __future__ import annotations
 import bisect
 import collections
 import math
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from .report_section import ReportSection
 
 DURATION_BUCKETS = (1e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 MAX_KEYS = 64  # distinct (op, group): bounded cardinality whatever the ranks send
@@ -67,21 +67,19 @@ class _Agg:
     algbw: float | None = None
 
 
-class CollectiveMetrics:
+class CollectiveMetrics(ReportSection):
     """Run-wide collective aggregates; ``ingest`` per report, ``collect`` at scrape time."""
 
+    section = "collectives"
+
     def __init__(self, *, window_s: float = 60.0) -> None:
+        super().__init__()
         self.window_s = window_s
         self.dropped_keys = 0
         self._aggs: dict[tuple[str, str], _Agg] = {}
         self._prev: dict[tuple[int, str, int, str], tuple[int, float, int, dict[str, int]]] = {}
-        self._lock = threading.Lock()
 
-    def ingest(self, rep: dict[str, Any], now: float | None = None) -> None:
-        summaries = rep.get("collectives")
-        if not isinstance(summaries, dict):
-            return
-        now = time.time() if now is None else now
+    def _take(self, rep: dict[str, Any], summaries: dict[str, Any], now: float) -> None:
         who = (int(rep.get("attempt", 0)), str(rep.get("role", "")), int(rep.get("rank", 0)))
         with self._lock:
             for key, s in summaries.items():

@@ -9,13 +9,14 @@ counter resets). A node whose collector is down exports only
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from milepost.engine.gpu import REASONS
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .report_section import ReportSection
 
 STALE_S = 60.0
 MAX_NODES = 1024
@@ -34,18 +35,16 @@ _GAUGES = (
 )
 
 
-class GpuMetrics:
+class GpuMetrics(ReportSection):
+    section = "gpus"
+
     def __init__(self, local: Any = None) -> None:
         """``local``: the daemon's own collector (anything with ``sample()``), or None."""
+        super().__init__()
         self.local = local
         self._remote: dict[str, tuple[tuple[str, int], float, dict[str, Any]]] = {}
-        self._lock = threading.Lock()
 
-    def ingest(self, rep: dict[str, Any], now: float | None = None) -> None:
-        snap = rep.get("gpus")
-        if not isinstance(snap, dict):
-            return
-        now = time.time() if now is None else now
+    def _take(self, rep: dict[str, Any], snap: dict[str, Any], now: float) -> None:
         node = str(snap.get("node") or rep.get("host") or "")
         if not node or (self.local is not None and node == getattr(self.local, "node", None)):
             return

@@ -268,7 +268,7 @@ class Engine:
             if self._should_checkpoint(step):
                 with timed("checkpoint"):
                     self._checkpoint(step)
-        res = StepResult(
+        res = StepResult.model_construct(
             step=step,
             reward_mean=rewards.mean().item(),
             reward_std=rewards.std().item(),

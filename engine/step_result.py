@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from .contract.wire import StepFigures
 
-@dataclass
-class StepResult:
-    step: int
-    reward_mean: float
-    reward_std: float
-    loss: float
-    grad_norm: float
-    kl: float
-    clip_frac: float
-    lr: float
-    weight_version: int
-    rollout_tokens: int
-    train_tokens: float
-    step_s: float
-    phases: dict[str, float] = field(default_factory=dict)
-    rollout_samples: int = 0
-    prompt_tokens: int = 0
-    trace_id: str = ""  # the step's OpenTelemetry trace: an exemplar on the daemon's step histograms
+
+class StepResult(StepFigures):
+    """One step's figures as the driver returns them (built with ``model_construct``: no validation cost)."""
 
     def record(self, attempt: int) -> dict[str, Any]:
-        """This step's line of steps.jsonl: the contract's StepRecord."""
-        return {"attempt": attempt, "ts": time.time(), **asdict(self)}
+        """This step's line of steps.jsonl: the contract's StepRecord, the figures as they were given."""
+        return {"attempt": attempt, "ts": time.time(), **dict(self)}
 
 
 @dataclass

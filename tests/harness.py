@@ -44,6 +44,18 @@ def job_doc(base: dict[str, Any], **sections: Any) -> dict[str, Any]:
     return doc
 
 
+def e2e_job(name: str, *, seed: int, steps: int, **sections: Any) -> dict[str, Any]:
+    """A job for the daemon end to end (two gloo ranks, groups of 4 in 2 minibatches), ``sections`` merged in."""
+    doc: dict[str, Any] = {
+        "run": {"name": name, "seed": seed, "steps": steps},
+        "grpo": {"prompts_per_step": 8, "group_size": 4, "minibatches": 2},
+        "trainer": {"world_size": 2, "collective_timeout_s": 60.0},
+        "checkpoint": {"interval": 2, "keep_last": 3},
+        "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0},
+    }
+    return job_doc(doc, **sections)
+
+
 def write_job(path: Path, doc: dict[str, Any]) -> Path:
     lines: list[str] = []
     for section, table in doc.items():

@@ -115,13 +115,9 @@ class IngestBatch(_Wire):
     reports: list[Report] = Field(max_length=MAX_REPORTS)
 
 
-class StepRecord(BaseModel):
-    """One line of ``steps.jsonl``: the driver's figures of one step (a NaN loss stays NaN)."""
+class StepFigures(BaseModel):
+    """The driver's figures of one step (a NaN loss stays NaN): a StepRecord less attempt and ts."""
 
-    model_config = ConfigDict(extra="allow")
-
-    attempt: NonNegI64
-    ts: float
     step: NonNegI64
     reward_mean: float
     reward_std: float
@@ -138,6 +134,15 @@ class StepRecord(BaseModel):
     rollout_samples: NonNegI64 = 0
     prompt_tokens: NonNegI64 = 0
     trace_id: str = ""  # the step's OpenTelemetry trace: an exemplar on the daemon's step histograms
+
+
+class StepRecord(StepFigures):
+    """One line of ``steps.jsonl``: the attempt, the time and the driver's figures of one step."""
+
+    model_config = ConfigDict(extra="allow")
+
+    attempt: NonNegI64
+    ts: float
 
 
 class FaultRequest(_Wire):

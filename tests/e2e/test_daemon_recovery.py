@@ -14,20 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DaemonRun, job_doc
+from tests.harness import DaemonRun, e2e_job, job_doc
 
 pytestmark = pytest.mark.slow
 
 
 def job(steps: int = 8, **sections: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "run": {"name": "e2e", "seed": 11, "steps": steps},
-        "grpo": {"prompts_per_step": 8, "group_size": 4, "minibatches": 2},
-        "trainer": {"world_size": 2, "collective_timeout_s": 60.0},
-        "checkpoint": {"interval": 2, "keep_last": 3},
-        "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "startup_grace_s": 120.0},
-    }
-    return job_doc(doc, **sections)
+    base = e2e_job("e2e", seed=11, steps=steps, supervisor={"startup_grace_s": 120.0})
+    return job_doc(base, **sections)
 
 
 @pytest.fixture

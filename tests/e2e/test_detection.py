@@ -14,20 +14,22 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DaemonRun, job_doc
+from tests.harness import DaemonRun, e2e_job, job_doc
 
 pytestmark = pytest.mark.slow
 
 
 def job(steps: int = 400, **sections: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "run": {"name": "detect", "seed": 3, "steps": steps},
-        "grpo": {"prompts_per_step": 16, "group_size": 4, "minibatches": 2},
-        "trainer": {"world_size": 2, "collective_timeout_s": 120.0},
-        "checkpoint": {"interval": 5, "keep_last": 3},
-        "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 1.0},
-    }
-    return job_doc(doc, **sections)
+    base = e2e_job(
+        "detect",
+        seed=3,
+        steps=steps,
+        grpo={"prompts_per_step": 16},
+        trainer={"collective_timeout_s": 120.0},
+        checkpoint={"interval": 5},
+        supervisor={"backoff_max_s": 1.0},
+    )
+    return job_doc(base, **sections)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import pytest
 from tests.harness import DaemonRun
 from tests.otlp_sink import OtlpSink, otlp_sink
 from tests.servers import start_prometheus_binary
+from tests.unit.test_metrics import STEP_GAUGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -44,13 +45,7 @@ FAMILIES = [
     "milepost_last_step_timestamp_seconds",
     "milepost_step_duration_seconds_bucket",
     "milepost_phase_duration_seconds_bucket",
-    "milepost_rank_step_duration_seconds",
-    "milepost_reward_mean",
-    "milepost_reward_std",
-    "milepost_loss",
-    "milepost_grad_norm",
-    "milepost_kl_divergence",
-    "milepost_learning_rate",
+    *STEP_GAUGES,
     "milepost_clip_fraction",
     "milepost_weight_version",
     "milepost_nonfinite_values_total",

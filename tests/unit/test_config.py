@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,14 +73,17 @@ def test_int_is_accepted_for_float() -> None:
     assert isinstance(cfg.grpo.lr, float) and cfg.grpo.lr == 1.0
 
 
+def _refuses(load: Callable[[Path], object], path: Path, text: str, match: str) -> None:
+    """``load`` of ``path`` holding ``text`` raises a ConfigError matching ``match``."""
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load(path)
+
+
 def test_bad_file_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "job.toml"
-    bad.write_text("[trainer]\nworld_size = -1\n")
-    with pytest.raises(ConfigError, match=r"job\.toml: trainer\.world_size=-1"):
-        load_job(bad)
-    bad.write_text("[trainer\n")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        load_job(bad)
+    _refuses(load_job, bad, "[trainer]\nworld_size = -1\n", r"job\.toml: trainer\.world_size=-1")
+    _refuses(load_job, bad, "[trainer\n", "not valid TOML")
     with pytest.raises(ConfigError, match="not found"):
         load_job(tmp_path / "missing.toml")
 
@@ -163,9 +167,12 @@ def test_sections_constructed_directly_name_the_field() -> None:
 
 def test_ops_view_reads_only_the_daemons_sections(tmp_path: Path) -> None:
     job = tmp_path / "job.toml"
-    job.write_text("[run]\nname = 'x'\n[model]\nwhatever = 1\n[detection]\nhang_floor_s = nan\n")
-    with pytest.raises(ConfigError, match=r"job\.toml: detection\.hang_floor_s=nan: must be a finite number"):
-        load_ops_view(job)
+    _refuses(
+        load_ops_view,
+        job,
+        "[run]\nname = 'x'\n[model]\nwhatever = 1\n[detection]\nhang_floor_s = nan\n",
+        r"job\.toml: detection\.hang_floor_s=nan: must be a finite number",
+    )
     job.write_text("[run]\nname = 'x'\n[model]\nwhatever = 1\n")
     assert load_ops_view(job).run.name == "x"
 

@@ -51,16 +51,25 @@ def _fake_smi(tmp_path: Path, memory_total_mib: list[float]) -> None:
     script.chmod(0o755)
 
 
-def _run_with_recorded(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any, totals: list[float]
-) -> Any:
-    _fake_smi(tmp_path, totals)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(gpu_mod, "_import_nvml", lambda: FakeNVML(RECORDED))
-    bench = _bench()
-    monkeypatch.setattr(bench, "_cuda_devices", lambda: 2)  # torch would see the two GPUs
-    rc = bench.main(["--seconds", "0.3", "--interval", "0.1"])
-    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def _recorded_totals() -> list[float]:
+    """Each recorded device's memory total in MiB, as nvidia-smi would print it."""
+    return [d["memory"]["total"] / MIB for d in RECORDED["devices"]]
+
+
+@pytest.fixture
+def run_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any) -> Any:
+    """Runs the check on the recorded GPUs, nvidia-smi saying ``totals``; gives (rc, result)."""
+
+    def run(totals: list[float]) -> tuple[int, Any]:
+        _fake_smi(tmp_path, totals)
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setattr(gpu_mod, "_import_nvml", lambda: FakeNVML(RECORDED))
+        bench = _bench()
+        monkeypatch.setattr(bench, "_cuda_devices", lambda: 2)  # torch would see the two GPUs
+        rc = bench.main(["--seconds", "0.3", "--interval", "0.1"])
+        return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    return run
 
 
 def test_no_gpu_here_the_check_passes_with_the_collector_down() -> None:
@@ -79,11 +88,8 @@ def test_no_gpu_here_the_check_passes_with_the_collector_down() -> None:
         assert result["promtool"] == "ok"
 
 
-def test_recorded_gpus_agree_with_nvidia_smi(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any
-) -> None:
-    totals = [d["memory"]["total"] / MIB for d in RECORDED["devices"]]
-    rc, result = _run_with_recorded(monkeypatch, tmp_path, capsys, totals)
+def test_recorded_gpus_agree_with_nvidia_smi(run_recorded: Any) -> None:
+    rc, result = run_recorded(_recorded_totals())
     assert rc == 0, result["problems"]
     assert (result["up"], result["devices"], result["nvidia_smi"]) == (1, 2, "agrees")
     assert result["names"] == ["NVIDIA H100 80GB HBM3"] and result["ecc"] and result["nvlink"]
@@ -93,11 +99,9 @@ def test_recorded_gpus_agree_with_nvidia_smi(
         assert result["promtool"] == "ok"
 
 
-def test_a_disagreement_with_nvidia_smi_fails_and_names_the_gpu(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any
-) -> None:
-    totals = [d["memory"]["total"] / MIB for d in RECORDED["devices"]]
+def test_a_disagreement_with_nvidia_smi_fails_and_names_the_gpu(run_recorded: Any) -> None:
+    totals = _recorded_totals()
     totals[1] -= 1024  # nvidia-smi says GPU 1 has 1 GiB less than NVML did
-    rc, result = _run_with_recorded(monkeypatch, tmp_path, capsys, totals)
+    rc, result = run_recorded(totals)
     assert rc == 1 and not result["ok"] and result["nvidia_smi"] == "disagrees"
     assert len(result["problems"]) == 1 and result["problems"][0].startswith("gpu 1 memory total")

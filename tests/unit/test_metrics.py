@@ -147,12 +147,8 @@ def recorded_gpu_snapshot(node: str) -> dict[str, Any]:
 
 
 # -- families and labels ------------------------------------------------------------
-DESIGN_FAMILIES = [
-    "milepost_steps",
-    "milepost_global_step",
-    "milepost_last_step_timestamp_seconds",
-    "milepost_step_duration_seconds",
-    "milepost_phase_duration_seconds",
+# The per-rank and per-step gauges: named alike in the registry and in the text format.
+STEP_GAUGES = [
     "milepost_rank_step_duration_seconds",
     "milepost_reward_mean",
     "milepost_reward_std",
@@ -160,6 +156,14 @@ DESIGN_FAMILIES = [
     "milepost_grad_norm",
     "milepost_kl_divergence",
     "milepost_learning_rate",
+]
+DESIGN_FAMILIES = [
+    "milepost_steps",
+    "milepost_global_step",
+    "milepost_last_step_timestamp_seconds",
+    "milepost_step_duration_seconds",
+    "milepost_phase_duration_seconds",
+    *STEP_GAUGES,
     "milepost_nonfinite_values",
     "milepost_rollout_samples",
     "milepost_rollout_tokens",
