@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -17,6 +17,16 @@ from milepost.daemon.auth import read_token
 from milepost.engine.contract.enums import Role
 from milepost.engine.contract.layout import RunDir
 from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, STATUS_PATH, control_path
+
+
+class EventQuery(TypedDict, total=False):
+    """The filters of ``GET /api/v1/events``."""
+
+    since_id: int
+    limit: int
+    kind: str
+    attempt: int
+    newest_first: bool
 
 
 class DaemonError(Exception):
@@ -114,20 +124,10 @@ class DaemonClient:
     def attempts(self) -> list[dict[str, Any]]:
         return list(self._request("GET", f"{API}/attempts")["attempts"])
 
-    def events(
-        self,
-        since_id: int = 0,
-        limit: int = 200,
-        kind: str | None = None,
-        attempt: int | None = None,
-        newest_first: bool = False,
-    ) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"since_id": since_id, "limit": limit}
-        if kind is not None:
-            params["kind"] = kind
-        if attempt is not None:
-            params["attempt"] = attempt
-        if newest_first:
+    def events(self, **query: Unpack[EventQuery]) -> list[dict[str, Any]]:
+        """The run's events, filtered as ``GET /api/v1/events`` is (``since_id``, ``limit``, ...)."""
+        params: dict[str, Any] = {"since_id": 0, "limit": 200, **query}
+        if params.pop("newest_first", False):
             params["newest_first"] = "true"
         return list(self._request("GET", f"{API}/events", params)["events"])
 
