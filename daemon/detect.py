@@ -219,8 +219,8 @@ class StragglerDetector:
     reports are added from the API's thread while the supervisor evaluates.
     """
 
-    CONSISTENCY = 0.8  # share of a window's steps in which the rank must be slower than the median
-    MIN_PERSIST_S = 12.0  # a burst of interference shorter than this is not a straggler
+    CONSISTENCY = 0.6  # share of a window's steps in which the rank must be slower than the median
+    MIN_PERSIST_S = 5.0  # a burst of interference shorter than this is not a straggler
     KEEP_STEPS = 64  # per-rank history kept when no window can form (one rank, detection idle)
 
     def __init__(self, cfg: DetectionConfig) -> None:
@@ -310,7 +310,10 @@ class StragglerDetector:
                 else:
                     self.streak[r] = 0
                     self.streak_since.pop(r, None)
-                    self.baseline[r] = 0.8 * base + 0.2 * float(own)
+                    if score <= self.cfg.straggler_threshold:
+                        # Only a window at the median's pace teaches the baseline: a slow one that
+                        # failed the consistency test must not drag it up towards the slowdown.
+                        self.baseline[r] = 0.8 * base + 0.2 * float(own)
                 lasted = now is None or now - self.streak_since.get(r, now) >= self.MIN_PERSIST_S
                 if self.streak[r] >= self.cfg.straggler_windows and lasted and r not in self.flagged:
                     self.flagged.add(r)
