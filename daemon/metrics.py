@@ -4,7 +4,8 @@ A subscriber of the daemon's event bus (``daemon.bus``): ``on_step`` for every s
 the supervisor tails, ``on_event`` for every event (the ranks' and its own, with the restart
 reason ``daemon.causes`` gave), ``on_report`` for every accepted rank report; the supervisor
 calls ``set_straggler_score`` with the detector's scores. Scrape-time
-families (worker liveness, wall clock, collectives, GPUs) are computed when collected.
+families (worker liveness, wall clock, collectives, GPUs, the run dir's disk, the open
+conditions of ``daemon.condition_metrics``) are computed when collected.
 Every series carries ``run_id``; no label takes step or sample ids, and every label
 value comes from a bounded set. A non-finite value never reaches a gauge: it counts in
 ``milepost_nonfinite_values_total{metric}`` instead. The step and phase histograms
@@ -35,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .causes import HANG_KINDS, RESTART_REASONS, snake
 from .collective_metrics import CollectiveMetrics
+from .condition_metrics import OpenConditions, run_dir_disk
 from .gpu_metrics import GpuMetrics
 
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -110,6 +112,7 @@ class RunMetrics:
         }
         self.clock = clock
         self.collectives = CollectiveMetrics()
+        self.conditions = OpenConditions()
         self.gpu = gpu if gpu is not None else GpuMetrics()
         self.registry = CollectorRegistry(auto_describe=True)
         self._extra: list[Any] = []
@@ -182,6 +185,17 @@ class RunMetrics:
         )
         self.attempt = Gauge("milepost_attempt", "Number of the current attempt", registry=r)
         self.events = Counter("milepost_events", "Run events by severity", ["severity"], registry=r)
+        self.last_ckpt_failure_ts = Gauge(
+            "milepost_last_checkpoint_failure_timestamp_seconds",
+            "Unix time the newest checkpoint failed (0: none); after the newest commit's: still failing",
+            registry=r,
+        )
+        self.daemon_start_ts = Gauge(
+            "milepost_daemon_start_timestamp_seconds",
+            "Unix time this daemon process started; a change within a run is a daemon restart",
+            registry=r,
+        )
+        self.daemon_start_ts.set(self._started)
         self.reports = Counter(
             "milepost_reports_received", "Rank reports accepted, by role", ["role"], registry=r
         )
@@ -327,6 +341,7 @@ class RunMetrics:
         self._straggler.clear()
         self._dropped = {k: v for k, v in self._dropped.items() if k[0] >= attempt}
         self.collectives.forget_before(attempt)
+        self.conditions.new_attempt(attempt)
 
     def on_event(self, ev: dict[str, Any], restart_reason: str = "") -> None:
         """A run event; ``restart_reason``: the newest restart's, as ``daemon.causes`` classified it."""
@@ -346,6 +361,9 @@ class RunMetrics:
             self.last_ckpt_ts.set(_finite(ev.get("ts")) or self.clock())
         elif kind in (EventKind.CHECKPOINT_FAILED, EventKind.CHECKPOINT_SKIPPED):
             self.checkpoints.labels(kind.removeprefix("checkpoint_")).inc()
+            if kind == EventKind.CHECKPOINT_FAILED:
+                self.last_ckpt_failure_ts.set(_finite(ev.get("ts")) or self.clock())
+        self.conditions.on_event(kind, ev)
         if snake(kind) in HANG_KINDS:
             self.hangs.inc()
 
@@ -398,6 +416,8 @@ class RunMetrics:
         for s in RUN_STATES:
             states.add_metric([s], 1.0 if s == state else 0.0)
         yield from (wall, states)
+        yield from self.conditions.collect()
+        yield from run_dir_disk(str(info["run_dir"]) if info.get("run_dir") else None)
         for key, (name, doc, labels) in LEARNING.items():
             fam = GaugeMetricFamily(name, doc, labels=list(labels))
             if (value := self._values.get(key)) is not None:
