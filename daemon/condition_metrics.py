@@ -22,7 +22,6 @@ from milepost.engine.contract.events import EventKind
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .causes import HANG_KINDS, snake
-from .collective_metrics import normalize_op
 
 MAX_HANGS = 16
 
@@ -60,8 +59,8 @@ class OpenConditions:
             elif kind in (EventKind.RUN_SUCCEEDED, EventKind.RUN_STOPPED):
                 self._hangs = dict.fromkeys(self._hangs, 0.0)
             elif snake(kind) in HANG_KINDS:
-                op = normalize_op(str(data.get("op") or "unknown"))[:64]
-                key = (str(attempt), op, str(data.get("group") or "default")[:64])
+                # The diagnosis' own op and group: the daemon's CollectiveHang alert has the same labels.
+                key = (str(attempt), str(data.get("op") or "")[:64], str(data.get("group") or "")[:64])
                 self._hangs.pop(key, None)
                 while len(self._hangs) >= MAX_HANGS:
                     # The oldest closed hang leaves first; the oldest open one only when all are open.

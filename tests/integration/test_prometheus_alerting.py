@@ -28,7 +28,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from milepost.daemon.collective_metrics import normalize_op
 
 from tests.harness import DaemonRun
 from tests.servers import start_prometheus_binary
@@ -190,13 +189,12 @@ def test_an_injected_hang_pages_through_prometheus_and_alertmanager_then_resolve
         "severity": "critical",
         "run_id": run_id,
         "attempt": str(hang["attempt"]),
-        "op": normalize_op(data["op"]),
+        "op": data["op"],
         "group": data["group"],
     }
     notes = alert["annotations"]
     assert notes["summary"] == (
-        f"Run {run_id}: collective {normalize_op(data['op'])} in group {data['group']} hangs "
-        f"(attempt {hang['attempt']})"
+        f"Run {run_id}: collective {data['op']} in group {data['group']} hangs (attempt {hang['attempt']})"
     )
     assert notes["dashboard"] == f"http://127.0.0.1:8501/incidents?run={run_id}&alert=CollectiveHang"
     assert notes["action"].startswith("Open the incident")

@@ -42,7 +42,7 @@ def test_a_hang_is_open_until_the_next_attempt_launches() -> None:
     m = make()
     m.on_event(ev("attempt_launched"))
     assert series(m, "milepost_collective_hang_open") == {}
-    m.on_event(ev("collective_hang", severity="critical", op="gloo:reduce_scatter_tensor", group="world"))
+    m.on_event(ev("collective_hang", severity="critical", op="reduce_scatter", group="world"))
     assert series(m, "milepost_collective_hang_open") == {hang_labels("0", "reduce_scatter", "world"): 1.0}
     m.on_event(ev("attempt_killed", severity="warning"))
     m.on_event(ev("restart_scheduled", severity="warning"))
