@@ -447,6 +447,11 @@ class RunMetrics:
             "Collectives a rank is inside right now",
             labels=["role", "rank", "attempt"],
         )
+        lost = GaugeMetricFamily(
+            "milepost_worker_heartbeat_lost",
+            "1 while a rank that has not exited sends nothing within its role's heartbeat timeout",
+            labels=["role", "rank", "attempt"],
+        )
         straggler = GaugeMetricFamily(
             "milepost_straggler_score",
             "How much slower than its peers a rank is (1 = typical)",
@@ -459,16 +464,19 @@ class RunMetrics:
         for (role, rank), r in ranks:
             if r.attempt != attempt:
                 continue
-            alive = r.state != RankStatus.EXITED and now - r.received <= self.timeouts.get(role, 30.0)
+            silent = now - r.received > self.timeouts.get(role, 30.0)
+            exited = r.state == RankStatus.EXITED
             values = [role, str(rank), r.node, str(r.attempt)]
-            up.add_metric(values, 1.0 if alive else 0.0)
+            up.add_metric(values, 0.0 if silent or exited else 1.0)
+            # An exited rank is down, not lost: a run's normal end must not page.
+            lost.add_metric([role, str(rank), str(r.attempt)], 1.0 if silent and not exited else 0.0)
             hb.add_metric(values, r.ts)
             if r.step_s is not None:
                 rank_step.add_metric([role, str(rank), str(r.attempt)], r.step_s)
             in_flight.add_metric([role, str(rank), str(r.attempt)], float(r.in_flight))
         for (role, rank), score in scores:
             straggler.add_metric([role, str(rank)], score)
-        yield from (up, hb, rank_step, in_flight, straggler)
+        yield from (up, hb, rank_step, in_flight, lost, straggler)
 
 
 class _RunLabelled:

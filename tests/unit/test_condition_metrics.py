@@ -1,6 +1,7 @@
 """The series the Prometheus alerting rules need beyond the counters: open hangs, a failed
-attempt, a failed resume verification, the newest checkpoint failure, the daemon's start
-time and the run dir's disk, fed the way the supervisor feeds RunMetrics."""
+attempt, a failed resume verification, a rank's lost heartbeat, the newest checkpoint
+failure, the daemon's start time and the run dir's disk, fed the way the supervisor feeds
+RunMetrics."""
 
 from __future__ import annotations
 
@@ -18,11 +19,19 @@ pytestmark = pytest.mark.timeout(30)
 T0 = 1_800_000_000.0
 
 
-def make(run_dir: Path | None = None) -> RunMetrics:
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(run_dir: Path | None = None, clock: Clock | None = None) -> RunMetrics:
     run: dict[str, Any] = {"id": "run-1", "state": "RUNNING", "created_at": T0 - 100.0, "updated_at": T0}
     if run_dir is not None:
         run["run_dir"] = str(run_dir)
-    return RunMetrics(run_info=lambda: run, clock=lambda: T0)
+    return RunMetrics(run_info=lambda: run, heartbeat_timeouts={"trainer": 20.0}, clock=clock or Clock())
 
 
 def ev(kind: str, attempt: int | None = 0, severity: str = "info", **data: Any) -> dict[str, Any]:
@@ -89,6 +98,30 @@ def test_a_resume_mismatch_holds_until_a_commit() -> None:
     assert series(m, "milepost_resume_mismatch") == {(("attempt", "2"), ("run_id", "run-1")): 1.0}
     m.on_event(ev("checkpoint_committed", attempt=2, total_s=0.5))
     assert series(m, "milepost_resume_mismatch") == {(("attempt", "2"), ("run_id", "run-1")): 0.0}
+
+
+def test_a_silent_rank_has_lost_its_heartbeat_an_exited_one_has_not() -> None:
+    clock = Clock()
+    m = make(clock=clock)
+    for rank, state in ((0, "running"), (1, "exited")):
+        m.on_report({"attempt": 0, "role": "trainer", "rank": rank, "ts": T0, "host": "n1", "state": state})
+
+    def lost(rank: int) -> float | None:
+        labels = {"run_id": "run-1", "role": "trainer", "rank": str(rank), "attempt": "0"}
+        return m.registry.get_sample_value("milepost_worker_heartbeat_lost", labels)
+
+    assert (lost(0), lost(1)) == (0.0, 0.0)
+    clock.now += 21  # past the trainer heartbeat timeout: both are down, only rank 0 is lost
+    assert (lost(0), lost(1)) == (1.0, 0.0)
+    up = {"run_id": "run-1", "role": "trainer", "node": "n1", "attempt": "0"}
+    assert [m.registry.get_sample_value("milepost_worker_up", {**up, "rank": str(r)}) for r in (0, 1)] == [
+        0.0,
+        0.0,
+    ]
+    m.on_report(
+        {"attempt": 0, "role": "trainer", "rank": 0, "ts": clock.now, "host": "n1", "state": "running"}
+    )
+    assert lost(0) == 0.0
 
 
 def test_checkpoint_failure_time_and_daemon_start_time() -> None:
