@@ -8,8 +8,8 @@ deploy/prometheus/alertmanager.yml with its webhook pointed at a receiver inside
 Both configs are the deploy examples with only addresses and intervals changed.
 
 A hang injected into trainer 1 (the faults API, as ``milepost inject --kind hang``) must reach
-the receiver as CollectiveHang firing, once, with the daemon's diagnosis in its labels, and
-later as resolved once the next attempt launches. CollectiveHang has no ``for`` in the rules,
+the receiver as CollectiveHang firing, with the daemon's diagnosis in its labels, and later as
+resolved once the next attempt launches. CollectiveHang has no ``for`` in the rules,
 so no rule is rewritten with shorter durations for this test. The job's restart backoff is 4 s:
 the hang stays open (milepost_collective_hang_open 1) for several 1 s scrapes.
 """
@@ -33,7 +33,7 @@ from tests.harness import DaemonRun
 from tests.servers import start_prometheus_binary
 from tests.unit.test_alerts_receivers import Capture, capture_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "prometheus"
@@ -156,7 +156,7 @@ def test_an_injected_hang_pages_through_prometheus_and_alertmanager_then_resolve
         wait(
             "Prometheus to scrape steps of the run",
             lambda: promql(f'milepost_steps_total{{run_id="{run_id}"}} >= 1'),
-            180,
+            240,  # wide: on a loaded machine Ray's start can time out once and the attempt restarts
             diag,
         )
         assert not _notifications(cap, "CollectiveHang")
@@ -168,18 +168,24 @@ def test_an_injected_hang_pages_through_prometheus_and_alertmanager_then_resolve
             120,
             diag,
         )
-        resolved = wait(
+        (hang,) = run.wait("the hang diagnosis", lambda: run.events("collective_hang"), 30)
+        # The hang closes when the next attempt launches; from then on the last word must be resolved.
+        run.wait(
+            "the next attempt",
+            lambda: [e for e in run.events("attempt_launched") if e["attempt"] == hang["attempt"] + 1],
+            120,
+        )
+        bodies = wait(
             "CollectiveHang resolved at the webhook",
-            lambda: [b for b in _notifications(cap, "CollectiveHang") if b["status"] == "resolved"],
+            lambda: (b := _notifications(cap, "CollectiveHang")) and b[-1]["status"] == "resolved" and b,
             60,
             diag,
         )
-        (hang,) = run.events("collective_hang")
 
-    # Paged once, then resolved once, in that order.
-    bodies = _notifications(cap, "CollectiveHang")
-    assert [b["status"] for b in bodies] == ["firing", "resolved"], bodies
-    assert len(firing) == 1 and len(resolved) == 1
+    # Paged, then resolved. Exactly one of each unless a scrape failed on a loaded machine (a failed
+    # scrape makes the series stale, which resolves the alert until the next scrape fires it again).
+    statuses = [b["status"] for b in bodies]
+    assert statuses[0] == "firing" and statuses[-1] == "resolved", statuses
     body = firing[0]
     assert body["version"] == "4" and body["receiver"] == "milepost-webhook"
     (alert,) = body["alerts"]
@@ -198,6 +204,7 @@ def test_an_injected_hang_pages_through_prometheus_and_alertmanager_then_resolve
     )
     assert notes["dashboard"] == f"http://127.0.0.1:8501/incidents?run={run_id}&alert=CollectiveHang"
     assert notes["action"].startswith("Open the incident")
-    (gone,) = resolved[0]["alerts"]
-    assert gone["status"] == "resolved" and gone["labels"] == alert["labels"]
-    assert gone["startsAt"] == alert["startsAt"] and gone["endsAt"] > alert["startsAt"]
+    for b in bodies:
+        assert [a["labels"] for a in b["alerts"]] == [alert["labels"]], b
+    (gone,) = bodies[-1]["alerts"]
+    assert gone["status"] == "resolved" and gone["endsAt"] > gone["startsAt"]
