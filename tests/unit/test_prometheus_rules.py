@@ -18,6 +18,7 @@ import pytest
 import yaml
 from milepost.alerts.catalog import CATALOG
 from milepost.alerts.config import default_inhibit_rules
+from milepost.alerts.rules import LATCHES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,6 +28,20 @@ TESTS = sorted((DEPLOY / "tests").glob("*.yml"))
 # Alerts whose `for` holds a threshold the daemon's detector holds itself (catalogue `for` 0).
 FOR_HOLDS_THRESHOLD = {"WorkerDown": "2m", "NoProgress": "8m", "Straggler": "2m"}
 DURATION = re.compile(r"^(\d+)([smh])$")
+# The daemon's labels of each alert besides alertname, severity and run (README.md, "Not paging
+# twice"): the rules must give the same, with run_id for run, for Alertmanager to merge the two.
+DAEMON_LABELS = {
+    "CollectiveHang": {"attempt", "group", "op"},
+    "Straggler": {"attempt", "role", "rank"},
+    "HeartbeatLost": {"attempt", "role", "rank"},
+    "WorkerDown": {"attempt", "role", "rank"},
+    "AttemptFailed": {"attempt"},
+    "NoProgress": {"attempt"},
+    "ResumeMismatch": {"attempt"},
+    "GpuXid": {"node", "gpu"},
+    "GpuEccUncorrected": {"node", "gpu"},
+    "GpuOverheat": {"node", "gpu"},
+}
 
 
 def _promtool() -> str:
@@ -124,6 +139,21 @@ def test_every_rule_has_promtool_cases_that_fire_and_that_do_not() -> None:
     assert alerts - fires == set(), "alerts never tested firing"
     assert alerts - quiet == set(), "alerts never tested quiet"
     assert {r["record"] for r in _rules() if "record" in r} - records == set(), "recording rules untested"
+
+
+def test_rules_carry_the_daemon_label_sets_with_run_id_for_run() -> None:
+    for spec in LATCHES.values():  # the event-made alerts: the daemon's own latch specs
+        assert DAEMON_LABELS.get(spec.alertname, set()) == set(spec.labels), spec.alertname
+    seen: set[str] = set()
+    for path in TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("alert_rule_test", []):
+                for alert in case["exp_alerts"]:
+                    name = case["alertname"]
+                    want = {"severity", "run_id", *DAEMON_LABELS.get(name, set())}
+                    assert set(alert["exp_labels"]) == want, f"{path.name}: {name}"
+                    seen.add(name)
+    assert seen == set(CATALOG)
 
 
 def test_alertmanager_example_inhibits_as_the_daemon_does() -> None:
