@@ -154,10 +154,11 @@ class Store:
     def ensure_run(
         self, *, run_id: str, name: str, job: str, run_dir: str, target_steps: int
     ) -> dict[str, Any]:
+        """The run's row, made with ``run_id`` unless there is one: a run dir holds one run, whatever its id."""
         now = time.time()
         self._exec(
-            "INSERT OR IGNORE INTO run (id, name, job, run_dir, state, reason, created_at, updated_at, target_steps)"
-            " VALUES (?, ?, ?, ?, 'STARTING', '', ?, ?, ?)",
+            "INSERT INTO run (id, name, job, run_dir, state, reason, created_at, updated_at, target_steps)"
+            " SELECT ?, ?, ?, ?, 'STARTING', '', ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM run)",
             (run_id, name, job, run_dir, now, now, target_steps),
         )
         run = self.run()

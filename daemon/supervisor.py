@@ -34,7 +34,7 @@ from milepost.engine.contract.enums import (
     Severity,
 )
 from milepost.engine.contract.events import EventKind
-from milepost.engine.contract.layout import EVENTS_FILE, STEPS_FILE
+from milepost.engine.contract.layout import EVENTS_FILE, STEPS_FILE, RunDir
 from milepost.engine.contract.process import ExitCode
 
 from . import evidence, liveness, procs
@@ -110,7 +110,7 @@ class Supervisor:
     def start(self) -> None:
         """Re-attaches to a running attempt recorded in the store, or launches the first one."""
         run = self.store.ensure_run(
-            run_id=self.run_dir.resolve().name + "-" + hex(abs(hash(str(self.run_dir.resolve()))))[2:8],
+            run_id=RunDir(self.run_dir).run_id(),
             name=self.ops.run.name,
             job=self.job,
             run_dir=str(self.run_dir),
