@@ -183,7 +183,7 @@ class RunController:
                     "step": d.get("step", 0),
                     "phase": d.get("phase", ""),
                     "state": d.get("state", ""),
-                    "heartbeat_age_seconds": max(0.0, now - float(d.get("ts", now))),
+                    "heartbeat_age_seconds": max(0.0, now - liveness.heartbeat_at(r)),
                     "open_collectives": d.get("open_collectives", []),
                     "timings": d.get("timings", {}),
                 }

@@ -388,7 +388,11 @@ class Supervisor:
         if time.time() - self.started_at < 2 * self.ops.detection.stale_heartbeat_s:
             return None  # a (re)started daemon: the ranks' buffered reports are still arriving
         n = self.attempt.number
-        reports = {(r["role"], r["rank"]): r["data"] for r in self.store.ranks() if r["attempt"] == n}
+        reports = {
+            (r["role"], r["rank"]): liveness.on_daemon_clock(r)
+            for r in self.store.ranks()
+            if r["attempt"] == n
+        }
         diag = self.hang.check(reports, time.time(), self.attempt.start_step)
         if diag is None:
             return None
