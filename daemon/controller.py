@@ -97,13 +97,13 @@ class RunController:
             run = self.store.run() or {}
             state = run.get("state", "")
             allowed = ALLOWED[action]
-            if state not in allowed:
+            new_state = AFTER.get(action, state)
+            reason = f"{action} requested" if action != ControlAction.CHECKPOINT else run.get("reason", "")
+            # Conditional: the supervisor may have ended the run since the read above.
+            if state not in allowed or not self.store.set_run_state(new_state, reason, only_from=allowed):
+                state = (self.store.run() or {}).get("state", state)
                 raise ValueError(f"cannot {action} a run in state {state}; allowed in {', '.join(allowed)}")
             self.queue_control(action)
-            new_state = AFTER.get(action, state)
-            self.store.set_run_state(
-                new_state, f"{action} requested" if action != ControlAction.CHECKPOINT else run["reason"]
-            )
             self.emit(EventKind.control(action), f"{action} requested through the API")
             if action == ControlAction.RESUME:
                 # Paused time is not a stall.

@@ -16,11 +16,11 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from milepost.engine.contract.enums import Role
+from milepost.engine.contract.enums import TERMINAL_RUN_STATES, Role
 from milepost.engine.contract.layout import RunDir
 
 # Version 1: the schema before versions (those databases have user_version 0 and these tables).
@@ -61,6 +61,8 @@ _V1 = (
     PRIMARY KEY (attempt, role, rank)
 )""",
 )
+
+_TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_RUN_STATES))  # an ended run stays ended
 
 # Ordered steps: step n takes a database from version n - 1 to n. Append; never edit one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
@@ -168,8 +170,19 @@ class Store:
     def run(self) -> dict[str, Any] | None:
         return self._one("SELECT * FROM run LIMIT 1")
 
-    def set_run_state(self, state: str, reason: str = "") -> None:
-        self._exec("UPDATE run SET state = ?, reason = ?, updated_at = ?", (state, reason, time.time()))
+    def set_run_state(self, state: str, reason: str = "", *, only_from: Iterable[str] | None = None) -> bool:
+        """Moves the run to ``state`` if it is in ``only_from`` (any state when None) and not ended.
+
+        One conditional UPDATE, so a check and its write cannot be split by another thread: a stop
+        never turns SUCCEEDED into STOPPING. Returns whether the run moved.
+        """
+        sql = f"UPDATE run SET state = ?, reason = ?, updated_at = ? WHERE state NOT IN ({_TERMINAL})"
+        args: tuple[Any, ...] = (state, reason, time.time())
+        if only_from is not None:
+            allowed = tuple(only_from)
+            sql += f" AND state IN ({', '.join('?' * len(allowed))})"
+            args += allowed
+        return self._exec(sql, args).rowcount > 0
 
     # -- attempts -------------------------------------------------------------
     def add_attempt(self, number: int, *, pid: int, world_size: int) -> None:

@@ -52,6 +52,7 @@ from .tailer import Tailer
 __all__ = ["Supervisor"]
 
 log = logging.getLogger(__name__)
+_LIVE = (RunState.RUNNING, RunState.RECOVERING)  # the states a launch, restart or pause may move from
 
 
 class Supervisor:
@@ -194,6 +195,10 @@ class Supervisor:
     # -- attempts -------------------------------------------------------------
     def _launch(self) -> None:
         with self._lock:
+            if (self.store.run() or {}).get("state") == RunState.STOPPING:
+                # A stop that landed after the tick read the state: it wins over the launch.
+                self._finish(RunState.STOPPED, "stopped on request between attempts")
+                return
             a = self.attempt
             n = a.number + 1
             proc = self.standby.take(n)
@@ -215,7 +220,8 @@ class Supervisor:
             if run and run["state"] == RunState.PAUSED:
                 self.controller.queue_control(ControlAction.PAUSE)
             else:
-                self.store.set_run_state(RunState.RUNNING if n == 0 else RunState.RECOVERING)
+                state = RunState.RUNNING if n == 0 else RunState.RECOVERING
+                self.store.set_run_state(state, only_from=(RunState.STARTING, *_LIVE))
             self.next_launch_at = None
             how = "from its warm standby" if warm else "cold"
             self.event(
@@ -253,6 +259,10 @@ class Supervisor:
         return None
 
     def _on_attempt_end(self, code: int | str, detected: str | None = None) -> None:
+        with self._lock:  # a stop decided on between the read of the state and the restart's write
+            self._end_attempt(code, detected)
+
+    def _end_attempt(self, code: int | str, detected: str | None) -> None:
         a = self.attempt
         n, said = a.number, a.outcome
         last = self.store.last_step()
@@ -300,8 +310,12 @@ class Supervisor:
         if d.run_state is not None:
             self._finish(d.run_state, d.reason)
             return
+        if not self.store.set_run_state(
+            RunState.RECOVERING, d.reason, only_from=(RunState.STARTING, RunState.PAUSED, *_LIVE)
+        ):
+            self._finish(RunState.STOPPED, "stopped on request as the attempt ended")
+            return
         self.next_launch_at = time.time() + d.delay_s
-        self.store.set_run_state(RunState.RECOVERING, d.reason)
         self.event(
             EventKind.RESTART_SCHEDULED,
             f"restarting from the newest verified checkpoint in {d.delay_s:.1f}s (restart {d.state.restarts}, "
@@ -312,8 +326,9 @@ class Supervisor:
         )
 
     def _finish(self, state: RunState, reason: str) -> None:
-        self.standby.drop()
-        self.store.set_run_state(state, reason)
+        with self._lock:
+            self.standby.drop()
+            self.store.set_run_state(state, reason)
         self.event(
             EventKind.run_ended(state),
             f"run {state}: {reason}",
@@ -350,7 +365,7 @@ class Supervisor:
             self._on_attempt_end(code)
             return
         if run.get("state") == RunState.RECOVERING and a.last_step_ts > a.started:
-            self.store.set_run_state(RunState.RUNNING)
+            self.store.set_run_state(RunState.RUNNING, only_from=(RunState.RECOVERING,))
         if self.ops.supervisor.standby and self.standby.held is None and a.last_step_ts > a.started:
             self.standby.spawn(a.number + 1)
         if self.ops.detection.enabled:
@@ -516,4 +531,4 @@ class Supervisor:
         elif kind == EventKind.ATTEMPT_FAILED and attempt == current:
             self.attempt.outcome["failed"] = ev
         elif kind == EventKind.RUN_PAUSED:
-            self.store.set_run_state(RunState.PAUSED)
+            self.store.set_run_state(RunState.PAUSED, only_from=(RunState.PAUSED, *_LIVE))
