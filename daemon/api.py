@@ -40,6 +40,7 @@ from milepost.daemon.api_models import (
     Steps,
 )
 from milepost.daemon.auth import tokens_equal
+from milepost.daemon.ingest_parse import RejectLog, parse_batch
 from milepost.daemon.otlp_receiver import MAX_PAYLOAD
 from milepost.daemon.store import Store
 from milepost.daemon.telemetry_service import Telemetry
@@ -312,6 +313,8 @@ def create_app(
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
 
+    tele = telemetry or Telemetry.standalone()
+    rejects = RejectLog()
     hot = HotWorker()
     app.router.on_shutdown.append(hot.close)
 
@@ -327,18 +330,34 @@ def create_app(
         },
     )
     async def ingest(request: Request) -> Response:
-        """Rank reports (milepost.engine.contract.wire.Report); the answer carries control requests and faults."""
-        batch = validate_body(IngestBatch, await read_body(request))
+        """Rank reports (milepost.engine.contract.wire.Report), each validated alone; the answer carries
+        control requests and faults, and how many reports were refused (``rejected``, ``errors``)."""
+        body = await read_body(request)
         try:
-            return json_response(await hot.run(controller.ingest, batch.model_dump()))
+            parsed = parse_batch(body)
+        except ValidationError as e:
+            validate_body(IngestBatch, body)  # the envelope is wrong: FastAPI's 422, as for any body
+            raise HTTPException(422, "not an IngestBatch") from e
+        if parsed.rejected:
+            rejects.add(parsed)
+            for role in parsed.rejected_roles:
+                tele.metrics.reports_rejected.labels(role).inc()
+            if parsed.nothing_usable:
+                raise HTTPException(422, json.loads(json.dumps(json_safe(parsed.errors), default=str)))
+        batch = {"reports": parsed.reports, "heartbeats": parsed.heartbeats}
+        try:
+            result = await hot.run(controller.ingest, batch)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
+        if parsed.rejected:
+            result = {**result, "rejected": parsed.rejected, "errors": parsed.errors}
+        return json_response(result)
 
     _body_schema(app, INGEST_PATH, IngestBatch)
 
     install_telemetry_routes(
         app,
-        telemetry or Telemetry.standalone(),
+        tele,
         auth=auth,
         read_deps=read_deps,
         read_errors=read_errors,

@@ -129,6 +129,9 @@ class RunController:
                 driver_seen = driver_seen or key[1] == Role.DRIVER
                 if key[1] == Role.TRAINER:
                     self.stragglers.add_report(key[2], rep)
+        for who in batch.get("heartbeats", []):  # refused reports: the rank is alive all the same
+            if who["attempt"] == current:
+                self.store.touch_rank(who["role"], who["rank"], who["attempt"])
         # A replayed backlog is many snapshots of the same ranks: write each rank's newest once.
         for key, rep in latest.items():
             stats = self.report_stats[key]

@@ -191,6 +191,12 @@ class RunMetrics:
             ["role"],
             registry=r,
         )
+        self.reports_rejected = Counter(
+            "milepost_reports_rejected",
+            "Rank reports the daemon refused as invalid (the rest of their batch was kept), by role",
+            ["role"],
+            registry=r,
+        )
         self.alerts_firing = Gauge(
             "milepost_alerts_firing", "Alerts firing, by alert", ["alertname"], registry=r
         )
@@ -216,6 +222,7 @@ class RunMetrics:
         for role in ROLES:
             self.reports.labels(role)
             self.reports_dropped.labels(role)
+            self.reports_rejected.labels(role)
         for phase in PHASES:
             self.phase_duration.labels(phase)
 

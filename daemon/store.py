@@ -293,6 +293,13 @@ class Store:
             (role, rank, attempt, json.dumps(data, default=str), time.time()),
         )
 
+    def touch_rank(self, role: str, rank: int, attempt: int) -> None:
+        """A heartbeat without a usable report: the rank's row keeps its data, its receive time moves."""
+        self._exec(
+            "UPDATE ranks SET received_at = ? WHERE role = ? AND rank = ? AND attempt = ?",
+            (time.time(), role, rank, attempt),
+        )
+
     def ranks(self) -> list[dict[str, Any]]:
         rows = self._all("SELECT * FROM ranks ORDER BY role, rank")
         for r in rows:
