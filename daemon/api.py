@@ -3,6 +3,8 @@ control actions and rank-report ingest.
 
 Reads come from the store or the controller; writes (every POST) need the run's bearer
 token, and so do reads when ``require_token_for_reads`` (the daemon binds beyond loopback).
+Every write passes ``daemon.api_guard.WriteGuard`` first (token, then body cap and deadline,
+before a byte of the body is read): a route added here gets it without asking.
 Handlers are plain ``def``: FastAPI runs them in a thread pool, so a slow SQLite call or
 controller lock never blocks the event loop. The two routes every rank posts to several
 times a second (``/api/v1/ingest`` and OTLP ``/v1/traces``) read and validate their body
@@ -24,6 +26,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from milepost.daemon.api_guard import WriteGuard, WriteLimits
 from milepost.daemon.api_models import (
     Attempts,
     Checkpoints,
@@ -40,13 +43,13 @@ from milepost.daemon.api_models import (
     Steps,
 )
 from milepost.daemon.auth import tokens_equal
-from milepost.daemon.ingest_parse import RejectLog, parse_batch
+from milepost.daemon.ingest_parse import RejectLog, envelope_errors, parse_batch
 from milepost.daemon.otlp_receiver import MAX_PAYLOAD
 from milepost.daemon.store import Store
 from milepost.daemon.telemetry_service import Telemetry
 from milepost.daemon.telemetry_service import install_routes as install_telemetry_routes
 from milepost.engine.contract.enums import ControlAction
-from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, INGEST_PATH
+from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, INGEST_PATH, OTLP_TRACES_PATH
 from milepost.engine.contract.wire import I64_MAX, FaultRequest, IngestBatch
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -221,12 +224,17 @@ def create_app(
     token: str,
     require_token_for_reads: bool,
     telemetry: Telemetry | None = None,
+    limits: WriteLimits | None = None,
 ) -> FastAPI:
-    """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None)."""
+    """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None);
+    ``limits``: the writes' body caps, deadline and in-flight bound (the defaults when None)."""
     if not token:
         raise ValueError("create_app: an empty token would let anyone write")
     app = FastAPI(title="milepost daemon", version="1", summary="Supervisor of an LLM RL post-training run")
     app.add_middleware(CatchAll)
+    # Outermost but Starlette's own: the token and the size cap come before any body is read.
+    limits = limits or WriteLimits(body_caps={INGEST_PATH: MAX_PAYLOAD, OTLP_TRACES_PATH: MAX_PAYLOAD})
+    app.add_middleware(WriteGuard, token=token, limits=limits)
     auth = _auth_dependency(token)
     read_deps = [auth] if require_token_for_reads else []
     read_errors = _ERRORS if require_token_for_reads else {}
@@ -335,9 +343,8 @@ def create_app(
         body = await read_body(request)
         try:
             parsed = parse_batch(body)
-        except ValidationError as e:
-            validate_body(IngestBatch, body)  # the envelope is wrong: FastAPI's 422, as for any body
-            raise HTTPException(422, "not an IngestBatch") from e
+        except ValidationError as e:  # the envelope is wrong: a 422 shaped as FastAPI's
+            raise HTTPException(422, json_safe(envelope_errors(e))) from e
         if parsed.rejected:
             rejects.add(parsed)
             for role in parsed.rejected_roles:

@@ -59,6 +59,11 @@ def _errors(e: ValidationError, prefix: tuple[Any, ...]) -> list[dict[str, Any]]
     ]
 
 
+def envelope_errors(e: ValidationError) -> list[dict[str, Any]]:
+    """A refused envelope's errors, each ``loc`` under "body" (FastAPI's shape), inputs left out."""
+    return _errors(e, ("body",))
+
+
 def parse_batch(body: bytes) -> ParsedBatch:
     """Raises ValidationError when the envelope is wrong; otherwise sorts each report into accepted or refused."""
     try:
