@@ -180,7 +180,7 @@ def decode_json(body: bytes) -> list[dict[str, Any]]:
     """OTLP/JSON: ids are hex strings and 64-bit integers may be strings (OTLP spec, not proto3 JSON)."""
     try:
         doc = json.loads(body)
-        spans = []
+        spans: list[dict[str, Any]] = []
         for rs in doc.get("resourceSpans", []):
             attrs = (rs.get("resource") or {}).get("attributes", [])
             resource = {kv["key"]: _json_value(kv.get("value", {})) for kv in attrs[:MAX_ATTRIBUTES]}
