@@ -85,7 +85,8 @@ class Controller(Protocol):
     # hang diagnoses, newest first: id, kind, culprit_ranks, group, seq, op, onset_at, detected_at, action
     def diagnoses(self) -> list[dict[str, Any]]: ...
 
-    # queues a fault for a rank of the running attempt; ValueError when impossible (-> 409)
+    # queues a fault for a rank of the running attempt; ValueError when impossible (-> 409),
+    # PermissionError when the run does not allow faults (-> 403)
     def inject(self, fault: dict[str, Any]) -> dict[str, Any]: ...
 
 
@@ -298,11 +299,20 @@ def create_app(
         FAULTS_PATH,
         response_model=FaultResult,
         dependencies=[auth],
-        responses={**_ERRORS, 409: {"model": ErrorBody, "description": "no attempt to inject into"}},
+        responses={
+            **_ERRORS,
+            403: {
+                "model": ErrorBody,
+                "description": "the job does not allow faults ([supervisor] allow_faults)",
+            },
+            409: {"model": ErrorBody, "description": "no attempt to inject into"},
+        },
     )
     def faults(fault: FaultRequest) -> dict[str, Any]:
         try:
             return json_safe(controller.inject(fault.model_dump(mode="json")))
+        except PermissionError as e:
+            raise HTTPException(403, str(e)) from e
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
 

@@ -27,6 +27,16 @@ from .detect import StragglerDetector
 from .goodput import GoodputLedger
 from .store import Store
 
+FAULTS_OFF = (
+    "fault injection is off for this run: set allow_faults = true in the job's [supervisor] section "
+    "(for tests, benchmarks and demos) and restart the daemon"
+)
+
+
+class FaultsDisabled(PermissionError):
+    """A fault asked of a run whose job did not opt in (``[supervisor] allow_faults``)."""
+
+
 # The run states each control action is accepted in.
 ALLOWED: dict[str, tuple[RunState, ...]] = {
     ControlAction.PAUSE: (RunState.RUNNING, RunState.RECOVERING),
@@ -148,6 +158,8 @@ class RunController:
         """Queues a fault for a rank of the running attempt (``milepost inject``)."""
         from milepost.engine.contract.config import FaultSpec
 
+        if not self.ops.supervisor.allow_faults:
+            raise FaultsDisabled(FAULTS_OFF)
         with self._lock:
             if self.attempt.pid is None:
                 raise ValueError("no attempt is running: nothing to inject into")
