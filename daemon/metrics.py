@@ -197,6 +197,11 @@ class RunMetrics:
             ["role"],
             registry=r,
         )
+        self.evidence_write_failures = Counter(
+            "milepost_evidence_write_failures",
+            "Diagnoses whose row or evidence could not be written (disk full?); detection went on",
+            registry=r,
+        )
         self.alerts_firing = Gauge(
             "milepost_alerts_firing", "Alerts firing, by alert", ["alertname"], registry=r
         )
@@ -353,6 +358,8 @@ class RunMetrics:
             self.last_ckpt_ts.set(_finite(ev.get("ts")) or self.clock())
         elif kind in (EventKind.CHECKPOINT_FAILED, EventKind.CHECKPOINT_SKIPPED):
             self.checkpoints.labels(kind.removeprefix("checkpoint_")).inc()
+        elif kind == EventKind.EVIDENCE_WRITE_FAILED:
+            self.evidence_write_failures.inc()
         if snake(kind) in HANG_KINDS:
             self.hangs.inc()
 

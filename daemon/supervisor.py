@@ -37,7 +37,7 @@ from milepost.engine.contract.events import EventKind
 from milepost.engine.contract.layout import EVENTS_FILE, STEPS_FILE, RunDir
 from milepost.engine.contract.process import ExitCode
 
-from . import evidence, liveness, procs
+from . import diagnosis_record, liveness, procs
 from .attempt import RunningAttempt
 from .bus import EventBus
 from .controller import RunController
@@ -177,17 +177,12 @@ class Supervisor:
         attempt = data.pop("attempt", self.attempt.number if self.attempt.number >= 0 else None)
         step = data.pop("step", None)
         log.info("%s: %s", kind, message)
-        self.store.add_event(
-            {
-                "kind": kind,
-                "message": message,
-                "severity": severity,
-                "attempt": attempt,
-                "role": Role.DAEMON,
-                "step": step,
-                "data": data,
-            }
-        )
+        row = {"kind": kind, "message": message, "severity": severity, "attempt": attempt}
+        try:
+            self.store.add_event({**row, "role": Role.DAEMON, "step": step, "data": data})
+        except diagnosis_record.WRITE_ERRORS as e:
+            # A full disk must not silence the daemon: the bus (metrics, alerts) still hears it.
+            log.error("event %s not stored: %s", kind, e)
         self.bus.event(
             {"kind": kind, "message": message, "severity": severity, "attempt": attempt, "data": data}
         )
@@ -416,39 +411,16 @@ class Supervisor:
             return None
         self._reported_hangs.add(key)
         action = "restart from checkpoint" if self.ops.detection.action == "restart" else "report only"
-        culprits = [list(k) for k in diag.culprits]
-        diag_id = self.store.add_diagnosis(
-            {
-                "attempt": n,
-                "kind": diag.kind,
-                "culprit_ranks": culprits,
-                "group": diag.group,
-                "seq": diag.seq,
-                "op": diag.op,
-                "onset_at": diag.onset_at,
-                "detected_at": diag.detected_at,
-                "action": action,
-                "message": diag.message,
-                "phases": diag.phases,
-            }
+        # Decided: whatever of the record fails to be written (disk full), the hang is acted on.
+        diagnosis_record.record(
+            diag,
+            store=self.store,
+            run_dir=self.run_dir,
+            attempt=n,
+            action=action,
+            stacks=self.ops.detection.stacks,
+            emit=self.event,
         )
-        self.event(
-            EventKind.COLLECTIVE_HANG,
-            diag.message,
-            Severity.CRITICAL,
-            diagnosis_id=diag_id,
-            diagnosis=diag.kind,
-            culprit_ranks=culprits,
-            group=diag.group,
-            seq=diag.seq,
-            op=diag.op,
-            onset_at=diag.onset_at,
-            detection_s=round(diag.detected_at - diag.onset_at, 3),
-        )
-        found = evidence.collect(
-            self.run_dir, diag_id, n, self.store.ranks(), stacks=self.ops.detection.stacks
-        )
-        self.store.update_diagnosis(diag_id, evidence=found)
         return diag
 
     def _check_stragglers(self) -> None:
