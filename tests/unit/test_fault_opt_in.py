@@ -58,7 +58,9 @@ def test_the_api_refuses_a_fault_naming_the_setting(run_dir: Path) -> None:
     assert "allow_faults = true" in r.json()["detail"] and "[supervisor]" in r.json()["detail"]
 
 
-def test_milepost_inject_refuses_naming_the_setting(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_milepost_inject_refuses_naming_the_setting(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert milepost(["inject", "--rank", "1", "--kind", "kill", "--run-dir", str(run_dir)]) == 1
     err = capsys.readouterr().err
     assert "milepost inject: daemon answered 403" in err and "allow_faults = true" in err
