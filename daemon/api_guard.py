@@ -33,7 +33,7 @@ class WriteLimits:
     body_caps: Mapping[str, int] = field(default_factory=dict)  # path -> cap, over the default
     default_body_cap: int = DEFAULT_BODY_CAP
     body_timeout_s: float = 30.0
-    max_in_flight: int = 256
+    max_in_flight: int = 1024  # ranks post one at a time each: room for a thousand-rank job
 
     def cap(self, path: str) -> int:
         return self.body_caps.get(path, self.default_body_cap)
