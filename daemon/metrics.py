@@ -428,7 +428,7 @@ class RunMetrics:
         )
         hb = GaugeMetricFamily(
             "milepost_worker_heartbeat_timestamp_seconds",
-            "Unix time of a rank's newest report",
+            "Unix time, on the daemon's clock, a rank's newest report arrived (skewed node clocks do not show)",
             labels=labels,
         )
         rank_step = GaugeMetricFamily(
@@ -456,7 +456,7 @@ class RunMetrics:
             alive = r.state != RankStatus.EXITED and now - r.received <= self.timeouts.get(role, 30.0)
             values = [role, str(rank), r.node, str(r.attempt)]
             up.add_metric(values, 1.0 if alive else 0.0)
-            hb.add_metric(values, r.ts)
+            hb.add_metric(values, r.received)
             if r.step_s is not None:
                 rank_step.add_metric([role, str(rank), str(r.attempt)], r.step_s)
             in_flight.add_metric([role, str(rank), str(r.attempt)], float(r.in_flight))
