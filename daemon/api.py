@@ -3,6 +3,8 @@ control actions and rank-report ingest.
 
 Reads come from the store or the controller; writes (every POST) need the run's bearer
 token, and so do reads when ``require_token_for_reads`` (the daemon binds beyond loopback).
+Every write passes ``daemon.api_guard.WriteGuard`` first (token, then body cap and deadline,
+before a byte of the body is read): a route added here gets it without asking.
 Handlers are plain ``def``: FastAPI runs them in a thread pool, so a slow SQLite call or
 controller lock never blocks the event loop. The two routes every rank posts to several
 times a second (``/api/v1/ingest`` and OTLP ``/v1/traces``) read and validate their body
@@ -24,6 +26,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from milepost.daemon.api_guard import WriteGuard, WriteLimits
 from milepost.daemon.api_models import (
     Attempts,
     Checkpoints,
@@ -40,12 +43,13 @@ from milepost.daemon.api_models import (
     Steps,
 )
 from milepost.daemon.auth import tokens_equal
+from milepost.daemon.ingest_parse import RejectLog, envelope_errors, parse_batch
 from milepost.daemon.otlp_receiver import MAX_PAYLOAD
 from milepost.daemon.store import Store
 from milepost.daemon.telemetry_service import Telemetry
 from milepost.daemon.telemetry_service import install_routes as install_telemetry_routes
 from milepost.engine.contract.enums import ControlAction
-from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, INGEST_PATH
+from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, INGEST_PATH, OTLP_TRACES_PATH
 from milepost.engine.contract.wire import I64_MAX, FaultRequest, IngestBatch
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -81,7 +85,8 @@ class Controller(Protocol):
     # hang diagnoses, newest first: id, kind, culprit_ranks, group, seq, op, onset_at, detected_at, action
     def diagnoses(self) -> list[dict[str, Any]]: ...
 
-    # queues a fault for a rank of the running attempt; ValueError when impossible (-> 409)
+    # queues a fault for a rank of the running attempt; ValueError when impossible (-> 409),
+    # PermissionError when the run does not allow faults (-> 403)
     def inject(self, fault: dict[str, Any]) -> dict[str, Any]: ...
 
 
@@ -220,12 +225,17 @@ def create_app(
     token: str,
     require_token_for_reads: bool,
     telemetry: Telemetry | None = None,
+    limits: WriteLimits | None = None,
 ) -> FastAPI:
-    """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None)."""
+    """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None);
+    ``limits``: the writes' body caps, deadline and in-flight bound (the defaults when None)."""
     if not token:
         raise ValueError("create_app: an empty token would let anyone write")
     app = FastAPI(title="milepost daemon", version="1", summary="Supervisor of an LLM RL post-training run")
     app.add_middleware(CatchAll)
+    # Outermost but Starlette's own: the token and the size cap come before any body is read.
+    limits = limits or WriteLimits(body_caps={INGEST_PATH: MAX_PAYLOAD, OTLP_TRACES_PATH: MAX_PAYLOAD})
+    app.add_middleware(WriteGuard, token=token, limits=limits)
     auth = _auth_dependency(token)
     read_deps = [auth] if require_token_for_reads else []
     read_errors = _ERRORS if require_token_for_reads else {}
@@ -289,11 +299,20 @@ def create_app(
         FAULTS_PATH,
         response_model=FaultResult,
         dependencies=[auth],
-        responses={**_ERRORS, 409: {"model": ErrorBody, "description": "no attempt to inject into"}},
+        responses={
+            **_ERRORS,
+            403: {
+                "model": ErrorBody,
+                "description": "the job does not allow faults ([supervisor] allow_faults)",
+            },
+            409: {"model": ErrorBody, "description": "no attempt to inject into"},
+        },
     )
     def faults(fault: FaultRequest) -> dict[str, Any]:
         try:
             return json_safe(controller.inject(fault.model_dump(mode="json")))
+        except PermissionError as e:
+            raise HTTPException(403, str(e)) from e
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
 
@@ -312,6 +331,8 @@ def create_app(
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
 
+    tele = telemetry or Telemetry.standalone()
+    rejects = RejectLog()
     hot = HotWorker()
     app.router.on_shutdown.append(hot.close)
 
@@ -327,18 +348,33 @@ def create_app(
         },
     )
     async def ingest(request: Request) -> Response:
-        """Rank reports (milepost.engine.contract.wire.Report); the answer carries control requests and faults."""
-        batch = validate_body(IngestBatch, await read_body(request))
+        """Rank reports (milepost.engine.contract.wire.Report), each validated alone; the answer carries
+        control requests and faults, and how many reports were refused (``rejected``, ``errors``)."""
+        body = await read_body(request)
         try:
-            return json_response(await hot.run(controller.ingest, batch.model_dump()))
+            parsed = parse_batch(body)
+        except ValidationError as e:  # the envelope is wrong: a 422 shaped as FastAPI's
+            raise HTTPException(422, json_safe(envelope_errors(e))) from e
+        if parsed.rejected:
+            rejects.add(parsed)
+            for role in parsed.rejected_roles:
+                tele.metrics.reports_rejected.labels(role).inc()
+            if parsed.nothing_usable:
+                raise HTTPException(422, json.loads(json.dumps(json_safe(parsed.errors), default=str)))
+        batch = {"reports": parsed.reports, "heartbeats": parsed.heartbeats}
+        try:
+            result = await hot.run(controller.ingest, batch)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
+        if parsed.rejected:
+            result = {**result, "rejected": parsed.rejected, "errors": parsed.errors}
+        return json_response(result)
 
     _body_schema(app, INGEST_PATH, IngestBatch)
 
     install_telemetry_routes(
         app,
-        telemetry or Telemetry.standalone(),
+        tele,
         auth=auth,
         read_deps=read_deps,
         read_errors=read_errors,

@@ -162,6 +162,8 @@ class IngestResult(_Open):
     accepted: int
     control: list[Any] = Field(default_factory=list)
     faults: list[Any] = Field(default_factory=list)
+    rejected: int = Field(0, description="reports of the batch refused as invalid (the others were kept)")
+    errors: list[Any] = Field(default_factory=list, description="why, for the first few refused reports")
 
 
 class ErrorBody(BaseModel):

@@ -27,6 +27,16 @@ from .detect import StragglerDetector
 from .goodput import GoodputLedger
 from .store import Store
 
+FAULTS_OFF = (
+    "fault injection is off for this run: set allow_faults = true in the job's [supervisor] section "
+    "(for tests, benchmarks and demos) and restart the daemon"
+)
+
+
+class FaultsDisabled(PermissionError):
+    """A fault asked of a run whose job did not opt in (``[supervisor] allow_faults``)."""
+
+
 # The run states each control action is accepted in.
 ALLOWED: dict[str, tuple[RunState, ...]] = {
     ControlAction.PAUSE: (RunState.RUNNING, RunState.RECOVERING),
@@ -97,13 +107,13 @@ class RunController:
             run = self.store.run() or {}
             state = run.get("state", "")
             allowed = ALLOWED[action]
-            if state not in allowed:
+            new_state = AFTER.get(action, state)
+            reason = f"{action} requested" if action != ControlAction.CHECKPOINT else run.get("reason", "")
+            # Conditional: the supervisor may have ended the run since the read above.
+            if state not in allowed or not self.store.set_run_state(new_state, reason, only_from=allowed):
+                state = (self.store.run() or {}).get("state", state)
                 raise ValueError(f"cannot {action} a run in state {state}; allowed in {', '.join(allowed)}")
             self.queue_control(action)
-            new_state = AFTER.get(action, state)
-            self.store.set_run_state(
-                new_state, f"{action} requested" if action != ControlAction.CHECKPOINT else run["reason"]
-            )
             self.emit(EventKind.control(action), f"{action} requested through the API")
             if action == ControlAction.RESUME:
                 # Paused time is not a stall.
@@ -129,6 +139,9 @@ class RunController:
                 driver_seen = driver_seen or key[1] == Role.DRIVER
                 if key[1] == Role.TRAINER:
                     self.stragglers.add_report(key[2], rep)
+        for who in batch.get("heartbeats", []):  # refused reports: the rank is alive all the same
+            if who["attempt"] == current:
+                self.store.touch_rank(who["role"], who["rank"], who["attempt"])
         # A replayed backlog is many snapshots of the same ranks: write each rank's newest once.
         for key, rep in latest.items():
             stats = self.report_stats[key]
@@ -145,6 +158,8 @@ class RunController:
         """Queues a fault for a rank of the running attempt (``milepost inject``)."""
         from milepost.engine.contract.config import FaultSpec
 
+        if not self.ops.supervisor.allow_faults:
+            raise FaultsDisabled(FAULTS_OFF)
         with self._lock:
             if self.attempt.pid is None:
                 raise ValueError("no attempt is running: nothing to inject into")
@@ -183,7 +198,7 @@ class RunController:
                     "step": d.get("step", 0),
                     "phase": d.get("phase", ""),
                     "state": d.get("state", ""),
-                    "heartbeat_age_seconds": max(0.0, now - float(d.get("ts", now))),
+                    "heartbeat_age_seconds": max(0.0, now - liveness.heartbeat_at(r)),
                     "open_collectives": d.get("open_collectives", []),
                     "timings": d.get("timings", {}),
                 }

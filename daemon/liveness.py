@@ -3,6 +3,11 @@
 ``check(...)`` looks at the ranks' newest reports, the newest step's time and the
 attempt's start, at ``now``, and returns a ``Verdict`` that ends the attempt, or None:
 
+Every age is on the daemon's clock: a rank's heartbeat is when its newest report arrived
+(the store's ``received_at``), never the rank's own ``ts``, so a node whose clock runs behind
+or ahead is judged by what the daemon saw; ``on_daemon_clock`` moves a report's own times
+(``ts``, open collectives' ``enter_ts``) onto the daemon's clock for the hang detector.
+
 - ``heartbeat_lost``: a rank of the attempt (not one that said it exited) sent no report
   for longer than its role's timeout (``heartbeat_timeout_<role>_s``; 30 s for an unknown
   role). Ages count from the later of the report and the attempt's (or daemon's) start, so
@@ -49,6 +54,23 @@ def phases(ranks: Iterable[dict[str, Any]]) -> str:
     return ", ".join(f"{r['role']} {r['rank']}: {r['data'].get('phase')}" for r in ranks)
 
 
+def heartbeat_at(row: dict[str, Any]) -> float:
+    """When the daemon received the rank's newest report (its own ``ts`` for a row without it)."""
+    received = row.get("received_at")
+    return float(received) if received else float(row["data"].get("ts", 0))
+
+
+def on_daemon_clock(row: dict[str, Any]) -> dict[str, Any]:
+    """The rank's newest report with its times shifted by (receive time - its own ts): the rank's clock offset."""
+    d = row["data"]
+    received = row.get("received_at")
+    if not received:
+        return d
+    offset = float(received) - float(d.get("ts", received))
+    moved = [{**c, "enter_ts": float(c["enter_ts"]) + offset} for c in d.get("open_collectives") or []]
+    return {**d, "ts": float(received), "open_collectives": moved}
+
+
 def check(
     ranks: list[dict[str, Any]],
     *,
@@ -60,14 +82,14 @@ def check(
     recent_step_s: Iterable[float],
     cfg: SupervisorConfig,
 ) -> Verdict | None:
-    """``ranks``: the store's rank rows (role, rank, attempt, data: the newest report)."""
+    """``ranks``: the store's rank rows (role, rank, attempt, received_at, data: the newest report)."""
     timeouts = heartbeat_timeouts(cfg)
     floor = max(daemon_started, attempt_started)
     for r in ranks:
         d = r["data"]
         if r["attempt"] != attempt or d.get("state") == RankStatus.EXITED:
             continue
-        age = now - max(float(d.get("ts", 0)), floor)
+        age = now - max(heartbeat_at(r), floor)
         if age > timeouts.get(r["role"], 30.0):
             return Verdict(
                 EventKind.HEARTBEAT_LOST,

@@ -205,6 +205,17 @@ class RunMetrics:
             ["role"],
             registry=r,
         )
+        self.reports_rejected = Counter(
+            "milepost_reports_rejected",
+            "Rank reports the daemon refused as invalid (the rest of their batch was kept), by role",
+            ["role"],
+            registry=r,
+        )
+        self.evidence_write_failures = Counter(
+            "milepost_evidence_write_failures",
+            "Diagnoses whose row or evidence could not be written (disk full?); detection went on",
+            registry=r,
+        )
         self.alerts_firing = Gauge(
             "milepost_alerts_firing", "Alerts firing, by alert", ["alertname"], registry=r
         )
@@ -230,6 +241,7 @@ class RunMetrics:
         for role in ROLES:
             self.reports.labels(role)
             self.reports_dropped.labels(role)
+            self.reports_rejected.labels(role)
         for phase in PHASES:
             self.phase_duration.labels(phase)
 
@@ -363,6 +375,8 @@ class RunMetrics:
             self.checkpoints.labels(kind.removeprefix("checkpoint_")).inc()
             if kind == EventKind.CHECKPOINT_FAILED:
                 self.last_ckpt_failure_ts.set(_finite(ev.get("ts")) or self.clock())
+        elif kind == EventKind.EVIDENCE_WRITE_FAILED:
+            self.evidence_write_failures.inc()
         self.conditions.on_event(kind, ev)
         if snake(kind) in HANG_KINDS:
             self.hangs.inc()
@@ -434,7 +448,7 @@ class RunMetrics:
         )
         hb = GaugeMetricFamily(
             "milepost_worker_heartbeat_timestamp_seconds",
-            "Unix time of a rank's newest report",
+            "Unix time, on the daemon's clock, a rank's newest report arrived (skewed node clocks do not show)",
             labels=labels,
         )
         rank_step = GaugeMetricFamily(
@@ -470,7 +484,7 @@ class RunMetrics:
             up.add_metric(values, 0.0 if silent or exited else 1.0)
             # An exited rank is down, not lost: a run's normal end must not page.
             lost.add_metric([role, str(rank), str(r.attempt)], 1.0 if silent and not exited else 0.0)
-            hb.add_metric(values, r.ts)
+            hb.add_metric(values, r.received)
             if r.step_s is not None:
                 rank_step.add_metric([role, str(rank), str(r.attempt)], r.step_s)
             in_flight.add_metric([role, str(rank), str(r.attempt)], float(r.in_flight))

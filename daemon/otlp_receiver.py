@@ -7,6 +7,11 @@ When ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` i
 unchanged, for a forwarder thread that POSTs it there with ``OTEL_EXPORTER_OTLP_[TRACES_]
 HEADERS``, ``..._TIMEOUT`` (seconds, as the Python SDK reads it) and ``..._COMPRESSION``
 (gzip); a full queue drops the payload and counts it, never blocking the receiver.
+
+A payload is refused whole (``PayloadError``, HTTP 400) when it is not OTLP, holds more than
+``MAX_SPANS`` spans, nests attribute values deeper than ``MAX_DEPTH``, has an id of the wrong
+length (trace 16 bytes, span 8) or a number out of its OTLP range: bad input from a rank or a
+stranger is a 400, never a 500 or a daemon thread's crash.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ JSON = "application/json"
 MAX_PAYLOAD = 16 * 1024 * 1024
 MAX_ATTRIBUTES = 32
 MAX_STRING = 256
+MAX_SPANS = 10_000  # per payload; the SDK's batch processor sends at most 512
+MAX_DEPTH = 16  # nested array / kvlist values
+_U64 = 2**64  # OTLP times are fixed64 nanoseconds
+_I64 = 2**63  # OTLP intValue is int64
 _STATUS = {0: "unset", 1: "ok", 2: "error"}
 _KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 
@@ -44,31 +53,42 @@ class PayloadError(ValueError):
 
 
 # -- decoding -----------------------------------------------------------------
-def _any_value(v: Any) -> Any:
+def _deeper(depth: int) -> int:
+    if depth >= MAX_DEPTH:
+        raise PayloadError(f"attribute values nested deeper than {MAX_DEPTH}")
+    return depth + 1
+
+
+def _any_value(v: Any, depth: int = 0) -> Any:
     which = v.WhichOneof("value")
     if which is None:
         return None
     if which == "array_value":
-        return [_any_value(x) for x in v.array_value.values][:MAX_ATTRIBUTES]
+        d = _deeper(depth)
+        return [_any_value(x, d) for x in v.array_value.values[:MAX_ATTRIBUTES]]
     if which == "kvlist_value":
-        return {kv.key: _any_value(kv.value) for kv in v.kvlist_value.values[:MAX_ATTRIBUTES]}
+        d = _deeper(depth)
+        return {kv.key: _any_value(kv.value, d) for kv in v.kvlist_value.values[:MAX_ATTRIBUTES]}
     if which == "bytes_value":
         return v.bytes_value.hex()[:MAX_STRING]
     out = getattr(v, which)
     return out[:MAX_STRING] if isinstance(out, str) else out
 
 
-def _json_value(v: dict[str, Any]) -> Any:
+def _json_value(v: dict[str, Any], depth: int = 0) -> Any:
     for key, value in v.items():
         if key == "intValue":
-            return int(value)
+            return _ranged(value, -_I64, _I64, "intValue")
         if key == "doubleValue":
             return float(value)
         if key == "arrayValue":
-            return [_json_value(x) for x in value.get("values", [])][:MAX_ATTRIBUTES]
+            d = _deeper(depth)
+            return [_json_value(x, d) for x in value.get("values", [])[:MAX_ATTRIBUTES]]
         if key == "kvlistValue":
+            d = _deeper(depth)
             return {
-                kv["key"]: _json_value(kv.get("value", {})) for kv in value.get("values", [])[:MAX_ATTRIBUTES]
+                kv["key"]: _json_value(kv.get("value", {}), d)
+                for kv in value.get("values", [])[:MAX_ATTRIBUTES]
             }
         if key in ("stringValue", "boolValue", "bytesValue"):
             return value[:MAX_STRING] if isinstance(value, str) else value
@@ -105,6 +125,24 @@ def _span(
     }
 
 
+def _ranged(value: Any, low: int, high: int, name: str) -> int:
+    n = int(value)
+    if not low <= n < high:
+        raise PayloadError(f"{name} {n}: out of range [{low}, {high})")
+    return n
+
+
+def _bytes_id(raw: bytes, size: int, name: str, *, empty_ok: bool = False) -> str:
+    if len(raw) != size and not (empty_ok and not raw):
+        raise PayloadError(f"{name} of {len(raw)} bytes: want {size}")
+    return raw.hex()
+
+
+def _count(n: int) -> None:
+    if n > MAX_SPANS:
+        raise PayloadError(f"{n} spans or more in one payload: at most {MAX_SPANS}")
+
+
 def decode_protobuf(body: bytes) -> list[dict[str, Any]]:
     from google.protobuf.message import DecodeError
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -112,8 +150,9 @@ def decode_protobuf(body: bytes) -> list[dict[str, Any]]:
     req = ExportTraceServiceRequest()
     try:
         req.ParseFromString(body)
-    except DecodeError as e:
+    except (DecodeError, RecursionError) as e:
         raise PayloadError(f"not an OTLP protobuf ExportTraceServiceRequest: {e}") from e
+    _count(sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans))
     spans = []
     for rs in req.resource_spans:
         resource = {kv.key: _any_value(kv.value) for kv in rs.resource.attributes[:MAX_ATTRIBUTES]}
@@ -121,9 +160,9 @@ def decode_protobuf(body: bytes) -> list[dict[str, Any]]:
             for sp in ss.spans:
                 spans.append(
                     _span(
-                        trace_id=sp.trace_id.hex(),
-                        span_id=sp.span_id.hex(),
-                        parent=sp.parent_span_id.hex(),
+                        trace_id=_bytes_id(sp.trace_id, 16, "trace_id"),
+                        span_id=_bytes_id(sp.span_id, 8, "span_id"),
+                        parent=_bytes_id(sp.parent_span_id, 8, "parent_span_id", empty_ok=True),
                         name=sp.name,
                         kind=sp.kind,
                         start_ns=sp.start_time_unix_nano,
@@ -141,12 +180,13 @@ def decode_json(body: bytes) -> list[dict[str, Any]]:
     """OTLP/JSON: ids are hex strings and 64-bit integers may be strings (OTLP spec, not proto3 JSON)."""
     try:
         doc = json.loads(body)
-        spans = []
+        spans: list[dict[str, Any]] = []
         for rs in doc.get("resourceSpans", []):
             attrs = (rs.get("resource") or {}).get("attributes", [])
             resource = {kv["key"]: _json_value(kv.get("value", {})) for kv in attrs[:MAX_ATTRIBUTES]}
             for ss in rs.get("scopeSpans", []):
                 for sp in ss.get("spans", []):
+                    _count(len(spans) + 1)
                     status = sp.get("status") or {}
                     spans.append(
                         _span(
@@ -155,8 +195,8 @@ def decode_json(body: bytes) -> list[dict[str, Any]]:
                             parent=_hex_id(sp.get("parentSpanId", ""), 16) if sp.get("parentSpanId") else "",
                             name=str(sp.get("name", "")),
                             kind=int(sp.get("kind", 0)),
-                            start_ns=int(sp.get("startTimeUnixNano", 0)),
-                            end_ns=int(sp.get("endTimeUnixNano", 0)),
+                            start_ns=_ranged(sp.get("startTimeUnixNano", 0), 0, _U64, "startTimeUnixNano"),
+                            end_ns=_ranged(sp.get("endTimeUnixNano", 0), 0, _U64, "endTimeUnixNano"),
                             status=int(status.get("code", 0)),
                             message=str(status.get("message", "")),
                             attributes={
@@ -167,8 +207,10 @@ def decode_json(body: bytes) -> list[dict[str, Any]]:
                         )
                     )
         return spans
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise PayloadError(f"not an OTLP/JSON trace export request: {e!r}") from e
+    except PayloadError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+        raise PayloadError(f"not an OTLP/JSON trace export request: {type(e).__name__}: {e}"[:500]) from e
 
 
 def _hex_id(value: Any, digits: int) -> str:

@@ -16,11 +16,11 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from milepost.engine.contract.enums import Role
+from milepost.engine.contract.enums import TERMINAL_RUN_STATES, Role
 from milepost.engine.contract.layout import RunDir
 
 # Version 1: the schema before versions (those databases have user_version 0 and these tables).
@@ -61,6 +61,8 @@ _V1 = (
     PRIMARY KEY (attempt, role, rank)
 )""",
 )
+
+_TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_RUN_STATES))  # an ended run stays ended
 
 # Ordered steps: step n takes a database from version n - 1 to n. Append; never edit one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
@@ -154,10 +156,11 @@ class Store:
     def ensure_run(
         self, *, run_id: str, name: str, job: str, run_dir: str, target_steps: int
     ) -> dict[str, Any]:
+        """The run's row, made with ``run_id`` unless there is one: a run dir holds one run, whatever its id."""
         now = time.time()
         self._exec(
-            "INSERT OR IGNORE INTO run (id, name, job, run_dir, state, reason, created_at, updated_at, target_steps)"
-            " VALUES (?, ?, ?, ?, 'STARTING', '', ?, ?, ?)",
+            "INSERT INTO run (id, name, job, run_dir, state, reason, created_at, updated_at, target_steps)"
+            " SELECT ?, ?, ?, ?, 'STARTING', '', ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM run)",
             (run_id, name, job, run_dir, now, now, target_steps),
         )
         run = self.run()
@@ -167,8 +170,19 @@ class Store:
     def run(self) -> dict[str, Any] | None:
         return self._one("SELECT * FROM run LIMIT 1")
 
-    def set_run_state(self, state: str, reason: str = "") -> None:
-        self._exec("UPDATE run SET state = ?, reason = ?, updated_at = ?", (state, reason, time.time()))
+    def set_run_state(self, state: str, reason: str = "", *, only_from: Iterable[str] | None = None) -> bool:
+        """Moves the run to ``state`` if it is in ``only_from`` (any state when None) and not ended.
+
+        One conditional UPDATE, so a check and its write cannot be split by another thread: a stop
+        never turns SUCCEEDED into STOPPING. Returns whether the run moved.
+        """
+        sql = f"UPDATE run SET state = ?, reason = ?, updated_at = ? WHERE state NOT IN ({_TERMINAL})"
+        args: tuple[Any, ...] = (state, reason, time.time())
+        if only_from is not None:
+            allowed = tuple(only_from)
+            sql += f" AND state IN ({', '.join('?' * len(allowed))})"
+            args += allowed
+        return self._exec(sql, args).rowcount > 0
 
     # -- attempts -------------------------------------------------------------
     def add_attempt(self, number: int, *, pid: int, world_size: int) -> None:
@@ -277,6 +291,13 @@ class Store:
         self._exec(
             "INSERT OR REPLACE INTO ranks (role, rank, attempt, data, received_at) VALUES (?, ?, ?, ?, ?)",
             (role, rank, attempt, json.dumps(data, default=str), time.time()),
+        )
+
+    def touch_rank(self, role: str, rank: int, attempt: int) -> None:
+        """A heartbeat without a usable report: the rank's row keeps its data, its receive time moves."""
+        self._exec(
+            "UPDATE ranks SET received_at = ? WHERE role = ? AND rank = ? AND attempt = ?",
+            (time.time(), role, rank, attempt),
         )
 
     def ranks(self) -> list[dict[str, Any]]:

@@ -34,10 +34,10 @@ from milepost.engine.contract.enums import (
     Severity,
 )
 from milepost.engine.contract.events import EventKind
-from milepost.engine.contract.layout import EVENTS_FILE, STEPS_FILE
+from milepost.engine.contract.layout import EVENTS_FILE, STEPS_FILE, RunDir
 from milepost.engine.contract.process import ExitCode
 
-from . import evidence, liveness, procs
+from . import diagnosis_record, liveness, procs
 from .attempt import RunningAttempt
 from .bus import EventBus
 from .controller import RunController
@@ -52,6 +52,7 @@ from .tailer import Tailer
 __all__ = ["Supervisor"]
 
 log = logging.getLogger(__name__)
+_LIVE = (RunState.RUNNING, RunState.RECOVERING)  # the states a launch, restart or pause may move from
 
 
 class Supervisor:
@@ -110,7 +111,7 @@ class Supervisor:
     def start(self) -> None:
         """Re-attaches to a running attempt recorded in the store, or launches the first one."""
         run = self.store.ensure_run(
-            run_id=self.run_dir.resolve().name + "-" + hex(abs(hash(str(self.run_dir.resolve()))))[2:8],
+            run_id=RunDir(self.run_dir).run_id(),
             name=self.ops.run.name,
             job=self.job,
             run_dir=str(self.run_dir),
@@ -176,17 +177,12 @@ class Supervisor:
         attempt = data.pop("attempt", self.attempt.number if self.attempt.number >= 0 else None)
         step = data.pop("step", None)
         log.info("%s: %s", kind, message)
-        self.store.add_event(
-            {
-                "kind": kind,
-                "message": message,
-                "severity": severity,
-                "attempt": attempt,
-                "role": Role.DAEMON,
-                "step": step,
-                "data": data,
-            }
-        )
+        row = {"kind": kind, "message": message, "severity": severity, "attempt": attempt}
+        try:
+            self.store.add_event({**row, "role": Role.DAEMON, "step": step, "data": data})
+        except diagnosis_record.WRITE_ERRORS as e:
+            # A full disk must not silence the daemon: the bus (metrics, alerts) still hears it.
+            log.error("event %s not stored: %s", kind, e)
         self.bus.event(
             {"kind": kind, "message": message, "severity": severity, "attempt": attempt, "data": data}
         )
@@ -194,6 +190,10 @@ class Supervisor:
     # -- attempts -------------------------------------------------------------
     def _launch(self) -> None:
         with self._lock:
+            if (self.store.run() or {}).get("state") == RunState.STOPPING:
+                # A stop that landed after the tick read the state: it wins over the launch.
+                self._finish(RunState.STOPPED, "stopped on request between attempts")
+                return
             a = self.attempt
             n = a.number + 1
             proc = self.standby.take(n)
@@ -215,7 +215,8 @@ class Supervisor:
             if run and run["state"] == RunState.PAUSED:
                 self.controller.queue_control(ControlAction.PAUSE)
             else:
-                self.store.set_run_state(RunState.RUNNING if n == 0 else RunState.RECOVERING)
+                state = RunState.RUNNING if n == 0 else RunState.RECOVERING
+                self.store.set_run_state(state, only_from=(RunState.STARTING, *_LIVE))
             self.next_launch_at = None
             how = "from its warm standby" if warm else "cold"
             self.event(
@@ -253,6 +254,10 @@ class Supervisor:
         return None
 
     def _on_attempt_end(self, code: int | str, detected: str | None = None) -> None:
+        with self._lock:  # a stop decided on between the read of the state and the restart's write
+            self._end_attempt(code, detected)
+
+    def _end_attempt(self, code: int | str, detected: str | None) -> None:
         a = self.attempt
         n, said = a.number, a.outcome
         last = self.store.last_step()
@@ -300,8 +305,12 @@ class Supervisor:
         if d.run_state is not None:
             self._finish(d.run_state, d.reason)
             return
+        if not self.store.set_run_state(
+            RunState.RECOVERING, d.reason, only_from=(RunState.STARTING, RunState.PAUSED, *_LIVE)
+        ):
+            self._finish(RunState.STOPPED, "stopped on request as the attempt ended")
+            return
         self.next_launch_at = time.time() + d.delay_s
-        self.store.set_run_state(RunState.RECOVERING, d.reason)
         self.event(
             EventKind.RESTART_SCHEDULED,
             f"restarting from the newest verified checkpoint in {d.delay_s:.1f}s (restart {d.state.restarts}, "
@@ -312,8 +321,9 @@ class Supervisor:
         )
 
     def _finish(self, state: RunState, reason: str) -> None:
-        self.standby.drop()
-        self.store.set_run_state(state, reason)
+        with self._lock:
+            self.standby.drop()
+            self.store.set_run_state(state, reason)
         self.event(
             EventKind.run_ended(state),
             f"run {state}: {reason}",
@@ -350,7 +360,7 @@ class Supervisor:
             self._on_attempt_end(code)
             return
         if run.get("state") == RunState.RECOVERING and a.last_step_ts > a.started:
-            self.store.set_run_state(RunState.RUNNING)
+            self.store.set_run_state(RunState.RUNNING, only_from=(RunState.RECOVERING,))
         if self.ops.supervisor.standby and self.standby.held is None and a.last_step_ts > a.started:
             self.standby.spawn(a.number + 1)
         if self.ops.detection.enabled:
@@ -388,7 +398,11 @@ class Supervisor:
         if time.time() - self.started_at < 2 * self.ops.detection.stale_heartbeat_s:
             return None  # a (re)started daemon: the ranks' buffered reports are still arriving
         n = self.attempt.number
-        reports = {(r["role"], r["rank"]): r["data"] for r in self.store.ranks() if r["attempt"] == n}
+        reports = {
+            (r["role"], r["rank"]): liveness.on_daemon_clock(r)
+            for r in self.store.ranks()
+            if r["attempt"] == n
+        }
         diag = self.hang.check(reports, time.time(), self.attempt.start_step)
         if diag is None:
             return None
@@ -397,39 +411,16 @@ class Supervisor:
             return None
         self._reported_hangs.add(key)
         action = "restart from checkpoint" if self.ops.detection.action == "restart" else "report only"
-        culprits = [list(k) for k in diag.culprits]
-        diag_id = self.store.add_diagnosis(
-            {
-                "attempt": n,
-                "kind": diag.kind,
-                "culprit_ranks": culprits,
-                "group": diag.group,
-                "seq": diag.seq,
-                "op": diag.op,
-                "onset_at": diag.onset_at,
-                "detected_at": diag.detected_at,
-                "action": action,
-                "message": diag.message,
-                "phases": diag.phases,
-            }
+        # Decided: whatever of the record fails to be written (disk full), the hang is acted on.
+        diagnosis_record.record(
+            diag,
+            store=self.store,
+            run_dir=self.run_dir,
+            attempt=n,
+            action=action,
+            stacks=self.ops.detection.stacks,
+            emit=self.event,
         )
-        self.event(
-            EventKind.COLLECTIVE_HANG,
-            diag.message,
-            Severity.CRITICAL,
-            diagnosis_id=diag_id,
-            diagnosis=diag.kind,
-            culprit_ranks=culprits,
-            group=diag.group,
-            seq=diag.seq,
-            op=diag.op,
-            onset_at=diag.onset_at,
-            detection_s=round(diag.detected_at - diag.onset_at, 3),
-        )
-        found = evidence.collect(
-            self.run_dir, diag_id, n, self.store.ranks(), stacks=self.ops.detection.stacks
-        )
-        self.store.update_diagnosis(diag_id, evidence=found)
         return diag
 
     def _check_stragglers(self) -> None:
@@ -512,4 +503,4 @@ class Supervisor:
         elif kind == EventKind.ATTEMPT_FAILED and attempt == current:
             self.attempt.outcome["failed"] = ev
         elif kind == EventKind.RUN_PAUSED:
-            self.store.set_run_state(RunState.PAUSED)
+            self.store.set_run_state(RunState.PAUSED, only_from=(RunState.PAUSED, *_LIVE))

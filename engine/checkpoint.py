@@ -51,6 +51,26 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bad_entry(rel: str, want: Any) -> str | None:
+    """What is wrong with one ``files`` entry of a manifest, or None."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or rel == MANIFEST:
+        return "the name must be a relative path inside the checkpoint"
+    if not isinstance(want, dict):
+        return f"{_short(want)}: want an object with bytes and sha256"
+    size, digest = want.get("bytes"), want.get("sha256")
+    if type(size) is not int or size < 0:
+        return f"bytes={_short(size)}: want a non-negative integer"
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return f"sha256={_short(digest)}: want 64 lowercase hex digits"
+    return None
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -136,29 +156,44 @@ class CheckpointStore:
             manifest: dict[str, Any] = {}
             try:
                 manifest = json.loads((d / MANIFEST).read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8; verify names it
                 manifest = {}
             out.append(Checkpoint(step=step, path=d, manifest=manifest))
         return sorted(out, key=lambda c: c.step, reverse=True)
 
     @staticmethod
     def verify(ckpt: Checkpoint) -> str | None:
-        """Returns None when every file matches the manifest, else the reason it does not."""
+        """Returns None when every file matches the manifest, else the reason it does not (never raises)."""
         m = ckpt.manifest
-        if not m:
-            return f"{ckpt.path.name}: manifest.json missing or unreadable"
+        if not m or not isinstance(m, dict):
+            return f"{ckpt.path.name}: manifest.json missing, unreadable or not a JSON object"
         if m.get("format_version") != FORMAT_VERSION:
             return f"{ckpt.path.name}: manifest format_version={m.get('format_version')!r}, expected {FORMAT_VERSION}"
         if m.get("step") != ckpt.step:
             return f"{ckpt.path.name}: manifest step={m.get('step')!r} does not match the directory"
-        for rel, want in m.get("files", {}).items():
+        files = m.get("files")
+        if not isinstance(files, dict) or not files:
+            return (
+                f"{ckpt.path.name}: manifest files={_short(files)}: want a non-empty object of file entries"
+            )
+        for rel, want in files.items():
+            if (bad := _bad_entry(rel, want)) is not None:
+                return f"{ckpt.path.name}: manifest files[{rel!r}]: {bad}"
             f = ckpt.path / rel
+            try:
+                f.stat()
+            except OSError as e:
+                return f"{ckpt.path.name}: file {rel} cannot be read: {e.strerror or e}"
             if not f.is_file():
                 return f"{ckpt.path.name}: file {rel} is missing"
             size = f.stat().st_size
             if size != want["bytes"]:
                 return f"{ckpt.path.name}: file {rel} has {size} bytes, manifest says {want['bytes']}"
-            if _sha256(f) != want["sha256"]:
+            try:
+                digest = _sha256(f)
+            except OSError as e:
+                return f"{ckpt.path.name}: file {rel} cannot be read: {e.strerror or e}"
+            if digest != want["sha256"]:
                 return f"{ckpt.path.name}: file {rel} sha256 does not match the manifest"
         return None
 

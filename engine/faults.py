@@ -25,6 +25,24 @@ from .events import EventSink
 HOOKED = (FaultKind.SKIP_COLLECTIVE, FaultKind.NAN, FaultKind.CORRUPT_CHECKPOINT)
 
 
+def flip_bytes(path: str | os.PathLike[str], nbytes: int = 4096) -> tuple[int, int]:
+    """Inverts ``nbytes`` bytes in the middle of ``path`` in place; returns (offset, count).
+
+    Reads and writes only those bytes: a checkpoint shard may be larger than the rank's memory.
+    """
+    size = os.path.getsize(path)
+    count = min(nbytes, size)
+    offset = (size - count) // 2
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        block = f.read(count)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in block))
+        f.flush()
+        os.fsync(f.fileno())
+    return offset, count
+
+
 class InjectedFault(RuntimeError):
     """Raised by an ``exception`` fault."""
 

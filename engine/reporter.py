@@ -3,7 +3,10 @@
 A daemon thread snapshots the rank's instrument every ``interval_s`` into a bounded
 buffer and POSTs what is buffered. When the daemon is unreachable (restarting, killed)
 reports stay buffered, oldest dropped first past ``max_buffer`` and counted, and are
-replayed once it answers again. Training threads only touch plain attributes.
+replayed once it answers again. A batch the daemon refuses as invalid (400, 413, 422) is
+dropped and counted (``rejected``), never resent: resending it forever would silence the
+rank's heartbeats. On 401 the token is read again (``token_source``: a restarted daemon may
+hold a new one) and the batch is kept. Training threads only touch plain attributes.
 
 Posts go over one kept-alive HTTP connection: a new connection per report cost the rank
 about 0.4 ms and the daemon about 0.7 ms of CPU more (accept, parser and transport set-up).
@@ -28,6 +31,15 @@ from .wire import lower_thread_priority, make_report
 log = logging.getLogger(__name__)
 
 _BATCH = 32  # small posts: a replayed backlog must not hog the GIL the training thread needs
+INVALID = frozenset({400, 413, 422})  # the batch itself is refused: sending it again cannot help
+
+
+class Refused(Exception):
+    """The daemon answered the batch with an HTTP error status."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"daemon answered {status}: {body[:200]!r}")
+        self.status = status
 
 
 class Reporter:
@@ -44,7 +56,9 @@ class Reporter:
         on_response: Callable[[dict[str, Any]], None] | None = None,
         on_tick: Callable[[], None] | None = None,
         nice: int = 0,
+        token_source: Callable[[], str | None] | None = None,
     ) -> None:
+        """``token_source``: the run's current token (re-read after a 401), None when it has none."""
         self.url = url.rstrip("/") + INGEST_PATH
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -55,6 +69,7 @@ class Reporter:
         self._netloc, self._path = parts.netloc, parts.path
         self._conn: http.client.HTTPConnection | None = None
         self.token, self.inst, self.attempt = token, inst, attempt
+        self.token_source = token_source
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.on_response = on_response
         self.on_tick = on_tick
@@ -65,6 +80,7 @@ class Reporter:
         self.status: str = RankStatus.RUNNING
         self.sent = 0
         self.dropped = 0
+        self.rejected = 0  # reports in batches the daemon refused as invalid
         self.failures = 0
         self._seq = 0
         self._buf: collections.deque[dict[str, Any]] = collections.deque()
@@ -126,6 +142,13 @@ class Reporter:
                 return
             try:
                 resp = self._post({"reports": batch})
+            except Refused as e:
+                if e.status not in INVALID:
+                    if self._refused(e):
+                        continue  # a new token: at once
+                    return
+                self._drop(batch, e)
+                continue
             except (OSError, http.client.HTTPException, ValueError) as e:
                 # Keep the reports for replay; the daemon may be restarting.
                 self.failures += 1
@@ -142,6 +165,32 @@ class Reporter:
                     self.on_response(resp)
                 except Exception:
                     log.exception("reporter: response handler failed")
+
+    def _drop(self, batch: list[dict[str, Any]], why: Refused) -> None:
+        with self._lock:
+            for sent in batch:
+                if self._buf and self._buf[0] is sent:
+                    self._buf.popleft()
+        self.rejected += len(batch)
+        if self.rejected == len(batch) or self.rejected % 1000 < len(batch):
+            log.warning("reporter: dropped %d refused reports in all (%s)", self.rejected, why)
+
+    def _refused(self, why: Refused) -> bool:
+        """A refusal of the request, not of its reports: keep them; on 401, read the token again (True: new)."""
+        self.failures += 1
+        if why.status == 401 and self.token_source is not None:
+            try:
+                token = self.token_source()
+            except OSError as e:
+                token = None
+                log.warning("reporter: could not read the run's token again: %s", e)
+            if token and token != self.token:
+                self.token = token
+                log.warning("reporter: daemon refused the token (401); using the run's new token")
+                return True
+        if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+            log.warning("reporter: %s (%d failures)", why, self.failures)
+        return False
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body, default=str, separators=(",", ":")).encode()
@@ -161,7 +210,7 @@ class Reporter:
                 # A kept-alive connection the daemon closed (idle timeout, restart): once more on a
                 # new one. A report delivered twice is dropped by the daemon (same seq).
         if status >= 400:
-            raise ValueError(f"daemon answered {status}: {raw[:200]!r}")
+            raise Refused(status, raw)
         parsed = json.loads(raw or b"{}")
         return parsed if isinstance(parsed, dict) else {}
 

@@ -76,6 +76,7 @@ class RankRuntime:
                 on_response=self._on_response,
                 on_tick=self._on_tick,
                 nice=self._nice,
+                token_source=self._run_token,
             ).start()
         self.telemetry = RankTelemetry(
             role=self.role,
@@ -86,6 +87,13 @@ class RankRuntime:
             reporter=self.reporter,
         )
         return self
+
+    def _run_token(self) -> str | None:
+        """The run's token file as it is now (a daemon restarted without $MILEPOST_TOKEN may have made a new one)."""
+        try:
+            return RunDir(self.run_dir).token.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
 
     @classmethod
     def for_job(

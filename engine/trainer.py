@@ -30,6 +30,7 @@ from .checkpoint import CheckpointStore
 from .contract.config import JobConfig
 from .contract.enums import FaultKind, Role, Severity
 from .contract.events import EventKind
+from .faults import flip_bytes
 from .runtime import RuntimeActor, RuntimeArgs
 from .weights import state_checksum
 
@@ -162,7 +163,7 @@ class TrainerRank(RuntimeActor):
         return self.backend.full_state_checksum()
 
     def _corrupt_newest_checkpoint(self) -> None:
-        """Fault: truncate the largest file of the newest committed checkpoint (resume must skip it)."""
+        """Fault: flip bytes of the largest file of the newest committed checkpoint (resume must skip it)."""
         self.wait_checkpoint()
         newest = next(iter(self.store.committed()), None)
         if newest is None:
@@ -170,9 +171,11 @@ class TrainerRank(RuntimeActor):
         victim = max(
             (p for p in newest.path.iterdir() if p.name != "manifest.json"), key=lambda p: p.stat().st_size
         )
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        offset, count = flip_bytes(victim)
         self.events.emit(
-            EventKind.CHECKPOINT_CORRUPTED, f"truncated {victim.name} of {newest.path.name}", step=newest.step
+            EventKind.CHECKPOINT_CORRUPTED,
+            f"flipped {count} bytes at offset {offset} of {victim.name} of {newest.path.name}",
+            step=newest.step,
         )
 
     def _dump_flight_recorder(self) -> dict[str, Any]:

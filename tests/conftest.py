@@ -24,6 +24,7 @@ def tiny_job(**overrides: dict[str, Any]) -> dict[str, Any]:
         "trainer": {"world_size": 2, "max_world_size": 3, "collective_timeout_s": 60.0},
         "rollout": {"workers": 1},
         "checkpoint": {"interval": 2, "keep_last": 10},
+        "supervisor": {"allow_faults": True},  # tests inject faults
     }
     for section, values in overrides.items():
         if isinstance(values, list):

@@ -51,7 +51,7 @@ def e2e_job(name: str, *, seed: int, steps: int, **sections: Any) -> dict[str, A
         "grpo": {"prompts_per_step": 8, "group_size": 4, "minibatches": 2},
         "trainer": {"world_size": 2, "collective_timeout_s": 60.0},
         "checkpoint": {"interval": 2, "keep_last": 3},
-        "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0},
+        "supervisor": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "allow_faults": True},
     }
     return job_doc(doc, **sections)
 

@@ -69,6 +69,7 @@ class EventKind(StrEnum):
     PROGRESS_STALLED = "progress_stalled"
     COLLECTIVE_HANG = "collective_hang"  # "CollectiveHang" in stores of older daemons
     STRAGGLER = "straggler"  # "Straggler" in stores of older daemons
+    EVIDENCE_WRITE_FAILED = "evidence_write_failed"  # disk full or unwritable: detection went on without it
 
     @classmethod
     def run_ended(cls, state: RunState) -> EventKind:

@@ -18,6 +18,7 @@ Use :class:`RunDir` for paths; the bare names are here for code that needs only 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,12 @@ class RunDir:
     attempts = _Under(ATTEMPTS_DIR)
     diagnostics = _Under(DIAGNOSTICS_DIR)
     checkpoints = _Under(CHECKPOINTS_DIR)
+
+    def run_id(self) -> str:
+        """The run's id: the folder's name and a digest of its real path, the same in every process."""
+        real = os.path.realpath(self.path)
+        # sha256, not hash(): str hashes are salted per process, and the id must survive restarts.
+        return f"{Path(real).name}-{hashlib.sha256(real.encode()).hexdigest()[:8]}"
 
     def attempt_log(self, attempt: int) -> Path:
         return self.attempts / attempt_log_name(attempt)

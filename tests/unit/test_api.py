@@ -204,14 +204,9 @@ def test_openapi_documents_bearer_security(http: httpx.Client) -> None:
         {},
         {"reports": "x"},
         {"reports": [{}]},
-        {"reports": [{k: v for k, v in report().items() if k != "step"}]},
         {"reports": [report(rank=-1)]},
         {"reports": [report(rank="zero")]},
         {"reports": [report(role="critic")]},
-        {"reports": [report(ts="yesterday")]},
-        {"reports": [report(step=2**64)]},
-        {"reports": [report(open_collectives=[{"op": "all_reduce"}])]},
-        {"reports": [report(metrics={"loss": "high"})]},
         {"reports": [report(seq=i) for i in range(5001)]},
         [1, 2, 3],
     ],
@@ -219,6 +214,32 @@ def test_openapi_documents_bearer_security(http: httpx.Client) -> None:
 def test_bad_ingest_bodies_are_422(http: httpx.Client, body: Any) -> None:
     r = http.post("/api/v1/ingest", json=body, headers=AUTH)
     assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {k: v for k, v in report().items() if k != "step"},
+        report(ts="yesterday"),
+        report(step=2**64),
+        report(open_collectives=[{"op": "all_reduce"}]),
+        report(metrics={"loss": "high"}),
+        report(compute={"train": float("inf")}),
+    ],
+)
+def test_a_bad_report_is_refused_alone_and_the_rest_of_its_batch_is_kept(
+    http: httpx.Client, controller: FakeController, bad: dict[str, Any]
+) -> None:
+    bad = {**bad, "rank": 1}
+    body = json.dumps({"reports": [report(seq=1), bad, report(seq=2)]})  # inf goes out as Infinity
+    r = http.post("/api/v1/ingest", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert (got["accepted"], got["rejected"]) == (2, 1)
+    assert got["errors"][0]["loc"][:3] == ["body", "reports", 1]
+    assert [(x["role"], x["rank"]) for x in controller.store.ranks()] == [("trainer", 0)]
+    scrape = http.get("/metrics").text
+    assert 'milepost_reports_rejected_total{role="trainer",run_id=""} 1.0' in scrape
 
 
 def test_non_json_ingest_is_4xx(http: httpx.Client) -> None:

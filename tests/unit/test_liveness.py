@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
-from milepost.daemon.liveness import check, progress_bound
-from milepost.engine.contract.config import SupervisorConfig
+from milepost.daemon.liveness import check, on_daemon_clock, progress_bound
+from milepost.daemon.store import Store
+from milepost.daemon.supervisor import Supervisor
+from milepost.engine.contract.config import OpsView, SupervisorConfig
 
 CFG = SupervisorConfig(
     heartbeat_timeout_trainer_s=20.0, startup_grace_s=60.0, progress_floor_s=30.0, progress_factor=8.0
@@ -66,3 +70,40 @@ def test_adaptive_progress_bound() -> None:
     assert v.kind == "progress_stalled" and v.data == {"waited_s": 41.0, "bound_s": 40.0}
     assert "bound 40s = max(floor, 8 x median step time)" in v.message and "trainer 0: train" in v.message
     assert verdict([rank(ts=now)], now=now - 2, recent_step_s=[1.0, 5.0, 9.0]) is None
+
+
+def test_a_rank_whose_clock_runs_behind_is_judged_by_when_its_reports_arrive() -> None:
+    behind = rank(ts=T0 - 50)  # the node's clock is 50 s behind; its report arrived just now
+    behind["received_at"] = T0 + 20
+    assert verdict([behind], now=T0 + 25) is None
+    behind["received_at"] = T0 + 2  # and silence is still silence, counted on the daemon's clock
+    assert verdict([behind], now=T0 + 25).kind == "heartbeat_lost"
+
+
+def test_on_daemon_clock_moves_a_reports_own_times_by_its_clock_offset() -> None:
+    row = rank(ts=T0 - 5, open_collectives=[{"op": "all_reduce", "group": "g", "seq": 3, "enter_ts": T0 - 6}])
+    row["received_at"] = T0
+    d = on_daemon_clock(row)
+    assert d["ts"] == T0 and d["open_collectives"][0]["enter_ts"] == T0 - 1
+    assert row["data"]["ts"] == T0 - 5  # the stored row is left as it was
+
+
+def test_a_node_5s_behind_is_neither_frozen_nor_lost(tmp_path: Path) -> None:
+    """The supervisor's own checks on real store rows: rank 1's clock is 5 s behind, both report live."""
+    ops = OpsView()
+    assert ops.detection.stale_heartbeat_s < 5  # the skew is over the frozen bound
+    store = Store(tmp_path)
+    sup = Supervisor(job="job.toml", run_dir=tmp_path, ops=ops, store=store, token="t", api_url="http://x")
+    now = time.time()
+    sup.started_at = sup.attempt.started = now - 120
+    sup.attempt.number, sup.attempt.last_step_ts = 1, now - 1
+    for r, skew in ((0, 0.0), (1, -5.0)):
+        data = {"ts": now + skew, "pid": 1, "host": "h", "step": 40, "phase": "train", "state": "running"}
+        store.upsert_rank("trainer", r, 1, data)
+    try:
+        assert sup._check_hang() is None
+        assert sup._check_liveness() is None
+        assert all(r["heartbeat_age_seconds"] < 2 for r in sup.controller.ranks())
+    finally:
+        sup.shutdown()
+        store.close()

@@ -389,3 +389,10 @@ def test_metrics_endpoint_negotiates_openmetrics_and_needs_the_read_token(
     om = httpx.get(f"{url}/metrics", headers={**auth, "Accept": accept})
     assert om.headers["content-type"].startswith("application/openmetrics-text")
     assert f'# {{trace_id="{TRACE}"}}' in om.text and om.text.endswith("# EOF\n")
+
+
+def test_heartbeat_timestamp_is_the_daemons_receive_time_not_the_ranks_clock(m: RunMetrics) -> None:
+    m.on_report(report(rank=1, ts=T0 - 50.0))  # the node's clock is 50 s behind; it arrived at T0
+    labels = {"role": "trainer", "rank": "1", "node": "node-a", "attempt": "0"}
+    assert value(m, "milepost_worker_heartbeat_timestamp_seconds", **labels) == T0
+    assert value(m, "milepost_worker_up", **labels) == 1.0

@@ -22,10 +22,19 @@ pytestmark = pytest.mark.timeout(60)
 class Daemonish:
     """Records every report and the client port of the connection it came on."""
 
-    def __init__(self, port: int = 0, *, close_each: bool = False, refuse_first: int = 0) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        close_each: bool = False,
+        refuse_first: int = 0,
+        judge: Callable[[list[dict[str, Any]], str], int] | None = None,
+    ) -> None:
+        """``judge(reports, authorization)``: the status to answer (200 records the reports)."""
         self.reports: list[dict[str, Any]] = []
         self.connections: set[int] = set()
         self.refuse = refuse_first
+        self.judged: list[int] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,12 +43,18 @@ class Daemonish:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.connections.add(self.client_address[1])
-                assert self.path == INGEST_PATH and self.headers["Authorization"] == "Bearer tok"
-                if outer.refuse > 0:
+                assert self.path == INGEST_PATH
+                got = json.loads(body)["reports"]
+                status = judge(got, self.headers["Authorization"]) if judge else 200
+                outer.judged.append(status)
+                assert judge or self.headers["Authorization"] == "Bearer tok"
+                if status != 200:
+                    payload, code = b'{"detail": "refused"}', status
+                elif outer.refuse > 0:
                     outer.refuse -= 1
                     payload, code = b'{"detail": "busy"}', 503
                 else:
-                    outer.reports += json.loads(body)["reports"]
+                    outer.reports += got
                     payload, code = b'{"accepted": 1, "control": [], "faults": []}', 200
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -143,3 +158,34 @@ def test_a_refused_post_keeps_its_reports(daemonish: Callable[..., Daemonish]) -
 def test_a_url_that_is_not_http_is_refused() -> None:
     with pytest.raises(ValueError, match="daemon url='ftp://x': want http://host:port"):
         Reporter("ftp://x", "tok", RankInstrument("trainer", 0), attempt=0)
+
+
+def test_a_batch_refused_as_invalid_is_dropped_and_later_reports_still_arrive(
+    daemonish: Callable[..., Daemonish],
+) -> None:
+    """A 422 (e.g. a non-finite number in a report) must not stop every later heartbeat."""
+    d = daemonish(judge=lambda reports, _auth: 422 if reports[0]["seq"] == 1 else 200)
+    rep = reporter(d.port).start()
+    wait_for(lambda: len(d.reports) >= 5)
+    rep.stop()
+    assert d.judged[0] == 422 and d.judged.count(422) == 1  # refused once, never resent
+    assert rep.rejected >= 1 and 1 not in seqs(d)
+    assert seqs(d) == sorted(seqs(d))
+
+
+def test_a_401_makes_the_reporter_read_the_runs_token_again(daemonish: Callable[..., Daemonish]) -> None:
+    """A daemon restarted with another token: the rank picks up the new one instead of failing forever."""
+    d = daemonish(judge=lambda _reports, auth: 200 if auth == "Bearer new" else 401)
+    rep = Reporter(
+        f"http://127.0.0.1:{d.port}",
+        "old",
+        RankInstrument("trainer", 1),
+        attempt=0,
+        interval_s=0.02,
+        timeout_s=2,
+        token_source=lambda: "new",
+    ).start()
+    wait_for(lambda: len(d.reports) >= 5)
+    rep.stop()
+    assert rep.token == "new" and rep.rejected == 0
+    assert seqs(d) == list(range(1, len(d.reports) + 1))  # the batch refused for its token came through

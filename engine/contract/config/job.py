@@ -68,6 +68,13 @@ class JobConfig(BaseModel):
                 self.rollout.workers,
                 f"more workers than prompts_per_step={self.grpo.prompts_per_step}",
             )
+        if self.faults and not self.supervisor.allow_faults:
+            raise FieldError(
+                "supervisor.allow_faults",
+                False,
+                f"the job lists {len(self.faults)} [[faults]]; fault injection is opt-in per run: "
+                "set allow_faults = true in [supervisor] (tests, benchmarks and demos only)",
+            )
         if self.trainer.backend == "megatron":
             self._check_megatron()
         if self.rollout.backend == "sglang":

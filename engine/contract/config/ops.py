@@ -98,6 +98,9 @@ class SupervisorConfig(Section):
     # training saturates, telemetry yields to it instead of preempting a rank in the middle of a
     # collective (its peers then wait too). Attempts are still started at full priority. 0: off.
     telemetry_nice: Annotated[int, Field(ge=0, le=19)] = 19
+    # Fault injection (the API's faults endpoint, `milepost inject`, [[faults]]) is opt-in per run:
+    # for tests, benchmarks and demos; a production job leaves it off, so no one can kill its ranks.
+    allow_faults: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> Self:
