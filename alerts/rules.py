@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from milepost.alerts.catalog import condition
-from milepost.alerts.config import AlertsConfig, RulesConfig
 from milepost.alerts.model import Condition, fingerprint
+from milepost.engine.contract.config.alerts import AlertsConfig, RulesConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 Event = dict[str, Any]

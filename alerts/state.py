@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import urllib.parse
 
-from milepost.alerts.config import AlertsConfig, RouteConfig
 from milepost.alerts.model import (
     Alert,
     AlertStatus,
     Condition,
+    Matcher,
     Notification,
     Silence,
     dumps,
     matches_all,
     severity_at_least,
 )
+from milepost.engine.contract.config.alerts import AlertsConfig, RouteConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -144,7 +145,7 @@ def route_receivers(routes: tuple[RouteConfig, ...], labels: dict[str, str]) -> 
             continue
         if route.severities and severity not in route.severities:
             continue
-        if not matches_all(route.parsed_matchers(), labels):
+        if not matches_all([Matcher.parse(t) for t in route.matchers], labels):
             continue
         out.extend(r for r in route.receivers if r not in out)
         if not route.continue_:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from milepost.alerts import catalog, rules
-from milepost.alerts.config import AlertsConfig, RulesConfig
 from milepost.alerts.model import Condition
+from milepost.engine.contract.config.alerts import AlertsConfig, RulesConfig
 
 CFG = AlertsConfig(
     rules=RulesConfig(
