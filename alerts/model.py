@@ -73,6 +73,7 @@ class Alert(_Data):
     resolved_at: float | None = None
     last_seen: float
     generator_url: str = ""
+    muted_firing: bool = False  # muted at some tick while firing: its resolve alone is no news
 
     @property
     def alertname(self) -> str:

@@ -157,8 +157,17 @@ def notifications(state: AlertState, now: float, cfg: AlertsConfig) -> list[Noti
     """What to send at `now`; marks it sent in `state` (enqueue before persisting the state)."""
     members: dict[str, list[Alert]] = {}
     for alert in sorted(state.alerts.values(), key=lambda a: (a.active_since, a.fingerprint)):
-        if alert.status == AlertStatus.PENDING or muted(state, alert, now, cfg):
+        if alert.status == AlertStatus.PENDING:
             continue
+        if muted(state, alert, now, cfg):
+            alert.muted_firing = alert.muted_firing or alert.status == AlertStatus.FIRING
+            continue
+        if (
+            alert.status == AlertStatus.RESOLVED
+            and alert.muted_firing
+            and not any(alert.fingerprint in g.sent for g in state.groups.values())
+        ):
+            continue  # inhibited or silenced while it fired, never sent: one page per incident
         glabels = {k: alert.labels[k] for k in cfg.group_by if k in alert.labels}
         for receiver in route_receivers(cfg.routes, alert.labels):
             gid = f"{receiver}|{dumps(glabels)}"

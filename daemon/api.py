@@ -24,6 +24,8 @@ from typing import Annotated, Any, Protocol, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from milepost.daemon.alert_routes import install_routes as install_alert_routes
+from milepost.daemon.alerting import DaemonAlerting
 from milepost.daemon.api_models import (
     Attempts,
     Checkpoints,
@@ -220,8 +222,10 @@ def create_app(
     token: str,
     require_token_for_reads: bool,
     telemetry: Telemetry | None = None,
+    alerting: DaemonAlerting | None = None,
 ) -> FastAPI:
-    """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None)."""
+    """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None);
+    ``alerting``: the run's alerts (None: the alert routes answer empty reads and 503 writes)."""
     if not token:
         raise ValueError("create_app: an empty token would let anyone write")
     app = FastAPI(title="milepost daemon", version="1", summary="Supervisor of an LLM RL post-training run")
@@ -335,6 +339,11 @@ def create_app(
             raise HTTPException(400, str(e)) from e
 
     _body_schema(app, INGEST_PATH, IngestBatch)
+
+    for path, model in install_alert_routes(
+        app, alerting, auth=auth, read_deps=read_deps, read_errors=read_errors, write_errors=_ERRORS
+    ):
+        _body_schema(app, path, model)
 
     install_telemetry_routes(
         app,

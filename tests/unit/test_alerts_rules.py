@@ -18,6 +18,7 @@ CFG = AlertsConfig(
         no_progress_s=100,
         checkpoint_interval_s=100,
         checkpoint_stale_factor=2,
+        checkpoint_stale_min_s=10,
         worker_down_s=30,
         loss_spike_window=10,
         reward_window=5,

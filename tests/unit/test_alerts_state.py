@@ -251,3 +251,25 @@ def test_manager_round_trip_through_json_and_silence_api() -> None:
         back.add_silence(["run=r1"], 10, 5)
     with pytest.raises(ValueError, match="version"):
         AlertManager(CFG, "r1", state={"v": 99})
+
+
+def test_a_hang_that_restarts_pages_once_firing_and_once_resolved() -> None:
+    cfg = AlertsConfig(group_wait_s=0, group_interval_s=0)
+    m = AlertManager(cfg, "r1")
+
+    def ev(kind: str, ts: float, attempt: int, severity: str = "info", **data: object) -> dict[str, object]:
+        return {"kind": kind, "ts": ts, "severity": severity, "attempt": attempt, "message": kind, "data": data}
+
+    m.on_event(ev("attempt_launched", 0, 0))
+    m.tick(1)
+    m.on_event(ev("collective_hang", 10, 0, "critical", group="world", op="all_reduce", seq=7))
+    sent = m.tick(10.5)
+    m.on_event(ev("attempt_ended", 11, 0, "error"))
+    m.on_event(ev("restart_scheduled", 11, 0, "warning"))
+    sent += m.tick(11.5)
+    m.on_event(ev("attempt_launched", 14, 1))
+    sent += m.tick(14.5) + m.tick(20)
+    seen = [(a.alertname, str(a.status)) for n in sent for a in n.alerts]
+    assert seen == [("CollectiveHang", "firing"), ("CollectiveHang", "resolved")]
+    failed = [v for v in m.alerts(20) if v["labels"]["alertname"] == "AttemptFailed"]  # type: ignore[index]
+    assert failed and failed[0]["status"] == "resolved"  # it was there, inhibited: shown, not paged
