@@ -137,14 +137,21 @@ class DaemonAlerting:
             self._thread.start()
         return self
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 3.0) -> None:
+        """Stops ticking, saves, lets the dispatcher drain for up to ``drain_s``; what is left waits in the outbox."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
-            self.save()
+            self.tick()  # the run's last events (its end) resolve what they resolve
         except Exception:
-            log.exception("alerts: the last save failed")
+            log.exception("alerts: the last tick failed")
+        deadline = self.clock() + drain_s
+        while (
+            any(n for r, n in self.outbox.pending().items() if r not in self.held) and self.clock() < deadline
+        ):
+            self.dispatcher.wake()
+            time.sleep(0.1)
         if not self.dispatcher.stop(timeout_s=5.0):
             log.warning("alerts: a send was still running at shutdown; its row stays pending")
         self.outbox.close()
