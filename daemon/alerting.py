@@ -32,6 +32,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 STATE_DOC = "alerts"
 HISTORY_ROWS = 200  # the newest outbox rows the API shows
+SAVE_EVERY_S = 2.0
 
 
 class DaemonAlerting:
@@ -58,7 +59,7 @@ class DaemonAlerting:
         metrics.set_alerts({}, ALERTNAMES)
         self._am: AlertManager | None = None
         self._lock = threading.Lock()
-        self._saved = ""
+        self._saved, self._saved_at = "", float("-inf")
         self._disk_at = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,7 +112,9 @@ class DaemonAlerting:
             except OSError as e:
                 log.warning("alerts: cannot read free space of %s: %s", self.run_dir, e)
         due = am.tick(now)
-        self.save()
+        # Reports change the state every second: save at most every SAVE_EVERY_S, unless something was sent.
+        if due or now - self._saved_at >= SAVE_EVERY_S:
+            self.save()
         self.metrics.set_alerts(am.counts(), ALERTNAMES)
         return len(due)
 
@@ -123,6 +126,7 @@ class DaemonAlerting:
         if text != self._saved:
             self.store.put_state(STATE_DOC, text)
             self._saved = text
+        self._saved_at = self.clock()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):

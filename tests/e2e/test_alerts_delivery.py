@@ -150,7 +150,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             seed=5,
             steps=5000,
             checkpoint={"interval": 5},
-            supervisor={"backoff_max_s": 1.0, "startup_grace_s": 120.0},
+            supervisor={"backoff_max_s": 1.0, "startup_grace_s": 300.0},
         )
         run = DaemonRun(tmp, doc)
         with run.job.open("a") as f:
@@ -177,7 +177,7 @@ def _steady(live: Live) -> int:
         recent = client.steps(since=max(0, int(client.status()["step"] or 0) - 3))
         return (attempt,) if len([s for s in recent if s.get("attempt") == attempt]) >= 3 else None
 
-    return int(live.run.wait("3 steps of the running attempt", trained, 120)[0])
+    return int(live.run.wait("3 steps of the running attempt", trained, 300)[0])
 
 
 def _inject_hang(live: Live) -> int:
@@ -281,6 +281,15 @@ def test_silence_needs_the_token_and_mutes_delivery(live: Live) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert not next(s for s in client.silences() if s["id"] == other["id"])["active"]
+    listed = subprocess.run(
+        [*MILEPOST, "alerts", "list", "--run-dir", str(live.run.run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert f"silence {sil['id']}: alertname=AttemptFailed" in listed.stdout
+    assert "resolved  critical CollectiveHang" in listed.stdout
 
 
 def test_receiver_down_60s_and_daemon_sigkilled_still_gets_everything_once_in_order(live: Live) -> None:
