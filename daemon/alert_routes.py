@@ -50,7 +50,9 @@ def install_routes(
     """Adds the routes; returns (path, body model) of the POSTs that read their own body."""
     from .api import json_response, json_safe, read_body, validate_body
 
-    unavailable = {503: {"model": ErrorBody, "description": "alerting is not running in this daemon"}}
+    unavailable: dict[int | str, dict[str, Any]] = {
+        503: {"model": ErrorBody, "description": "alerting is not running in this daemon"}
+    }
 
     def need() -> DaemonAlerting:
         if alerting is None:

@@ -9,7 +9,6 @@ from milepost.alerts.manager import AlertManager
 from milepost.alerts.model import AlertStatus, Condition, Matcher, Silence, fingerprint
 from milepost.alerts.state import AlertState, advance, alert_views, notifications, route_receivers
 from milepost.engine.contract.config.alerts import AlertsConfig, ReceiverConfig, RouteConfig
-from pydantic import ValidationError
 
 CFG = AlertsConfig(group_wait_s=10, group_interval_s=30, repeat_interval_s=1000)
 

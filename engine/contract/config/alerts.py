@@ -50,7 +50,9 @@ class RulesConfig(Section):
     no_progress_s: PosFloat = 600.0
     checkpoint_interval_s: PosFloat = 1800.0
     checkpoint_stale_factor: PosFloat = 3.0
-    checkpoint_stale_min_s: Annotated[float, Field(ge=0)] = 300.0  # never stale sooner (fast test checkpoints)
+    checkpoint_stale_min_s: Annotated[float, Field(ge=0)] = (
+        300.0  # never stale sooner (fast test checkpoints)
+    )
     worker_down_s: PosFloat = 120.0
     loss_spike_window: Annotated[int, Field(ge=5)] = 50
     loss_spike_factor: PosFloat = 6.0  # robust z-score (median/MAD) of the newest loss
@@ -200,7 +202,9 @@ class AlertsConfig(Section):
     resolved_keep_s: PosFloat = 3600.0  # a resolved alert is forgotten after this
     rules: RulesConfig = RulesConfig()
     disabled_rules: Names = ()
-    routes: Annotated[tuple[RouteConfig, ...], Field(strict=False)] = (RouteConfig(receivers=("log",)),)
+    routes: Annotated[tuple[RouteConfig, ...], Field(strict=False)] = (
+        RouteConfig.model_validate({"receivers": ["log"]}),
+    )
     receivers: Annotated[tuple[ReceiverConfig, ...], Field(strict=False)] = (
         ReceiverConfig(name="log", type="log"),
     )
