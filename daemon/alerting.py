@@ -1,8 +1,8 @@
 """Alerting in the daemon: the alert manager on the event bus, ticked, persisted, delivering.
 
 ``DaemonAlerting`` subscribes to the bus (events, step records, rank reports) and ticks on a
-thread of its own: every ``disk_check_s`` it reads the run dir's free space, then it evaluates
-the rules, enqueues what is due into the outbox (``<run_dir>/alerts_outbox.db``), saves the
+thread of its own, at once after an event, else every ``tick_s``: every ``disk_check_s`` it
+reads the run dir's free space, then it evaluates the rules, enqueues what is due into the outbox (``<run_dir>/alerts_outbox.db``), saves the
 alert state and silences in the store (document ``alerts``) when they changed, and sets
 ``milepost_alerts``. The outbox's dispatcher delivers on another thread, counting
 ``milepost_notifications_total``. A restarted daemon restores the state before the supervisor
@@ -61,7 +61,7 @@ class DaemonAlerting:
         self._lock = threading.Lock()
         self._saved, self._saved_at = "", float("-inf")
         self._disk_at = float("-inf")
-        self._stop = threading.Event()
+        self._stop, self._wake = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- the manager, made once the run has an id -------------------------------
@@ -88,6 +88,7 @@ class DaemonAlerting:
         if (am := self.manager()) is not None:
             # The supervisor's own events carry no ts: they happen now.
             am.on_event(ev if ev.get("ts") else {**ev, "ts": self.clock()})
+            self._wake.set()  # a diagnosis pages now, not at the next tick
 
     def on_step(self, rec: dict[str, Any]) -> None:
         if (am := self.manager()) is not None:
@@ -129,7 +130,11 @@ class DaemonAlerting:
         self._saved_at = self.clock()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.tick()
             except Exception:  # alerting's own bug must not end alerting: log, tick again
@@ -144,6 +149,7 @@ class DaemonAlerting:
     def close(self, drain_s: float = 3.0) -> None:
         """Stops ticking, saves, lets the dispatcher drain for up to ``drain_s``; what is left waits in the outbox."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:

@@ -355,7 +355,8 @@ class Store:
     def put_state(self, name: str, value: str) -> None:
         """Saves ``value`` (JSON text) as document ``name``, replacing the previous one."""
         self._exec(
-            "INSERT OR REPLACE INTO state (name, value, updated_at) VALUES (?, ?, ?)", (name, value, time.time())
+            "INSERT OR REPLACE INTO state (name, value, updated_at) VALUES (?, ?, ?)",
+            (name, value, time.time()),
         )
 
     # -- offsets of tailed files ----------------------------------------------
