@@ -5,11 +5,11 @@ The daemon holds an `AlertManager` (manager.py) and an `Outbox` + `Dispatcher`
 (outbox.py, made by `open_delivery`); `send_test` backs `milepost alerts test`.
 """
 
-from milepost.alerts.config import AlertsConfig, ReceiverConfig, RouteConfig, RulesConfig
 from milepost.alerts.manager import AlertManager, open_delivery, send_test
 from milepost.alerts.model import Alert, AlertStatus, Condition, Matcher, Notification, Silence
 from milepost.alerts.outbox import Dispatcher, Outbox
 from milepost.alerts.receivers import Outcome, Receiver, build_receiver
+from milepost.engine.contract.config.alerts import AlertsConfig, ReceiverConfig, RouteConfig, RulesConfig
 
 __all__ = [
     "Alert",

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from milepost.alerts import rules
-from milepost.alerts.config import AlertsConfig
 from milepost.alerts.model import Alert, AlertStatus, Matcher, Notification, Silence
 from milepost.alerts.outbox import Dispatcher, Outbox
 from milepost.alerts.receivers import MissingSecret, Outcome, build_receiver, build_receivers
 from milepost.alerts.state import AlertState, advance, alert_views, counts, notifications
+from milepost.engine.contract.config.alerts import AlertsConfig
 
 STATE_VERSION = 1
 

@@ -12,10 +12,11 @@ import hashlib
 import json
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
+from milepost.engine.contract.config.alerts import MatchOp, parse_matcher
 from milepost.engine.contract.enums import Severity
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The labels an alert may carry besides alertname and severity; bounded so no label is a step id.
 LABEL_NAMES = ("run", "attempt", "role", "rank", "group", "op", "gpu", "node")
@@ -72,14 +73,11 @@ class Alert(_Data):
     resolved_at: float | None = None
     last_seen: float
     generator_url: str = ""
+    muted_firing: bool = False  # muted at some tick while firing: its resolve alone is no news
 
     @property
     def alertname(self) -> str:
         return self.labels.get("alertname", "")
-
-
-MatchOp = Literal["=", "!=", "=~", "!~"]
-_MATCHER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*\"?(.*?)\"?\s*$")
 
 
 class Matcher(_Data):
@@ -90,24 +88,17 @@ class Matcher(_Data):
     op: MatchOp = "="
     value: str = ""
 
-    @field_validator("value")
-    @classmethod
-    def _regex_compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"matcher value {v!r} is not a valid regular expression: {e}") from e
-        return v
+    @model_validator(mode="after")
+    def _regex_compiles(self) -> Matcher:
+        if self.op in ("=~", "!~"):
+            parse_matcher(f"{self.name}{self.op}{self.value}")  # a ValueError naming the value
+        return self
 
     @classmethod
     def parse(cls, text: str) -> Matcher:
         """`severity=~"error|critical"` -> Matcher(name="severity", op="=~", value="error|critical")."""
-        m = _MATCHER_RE.match(text)
-        if not m:
-            raise ValueError(
-                f"matcher {text!r} is not of the form name=value, name!=value, name=~re or name!~re"
-            )
-        return cls(name=m.group(1), op=m.group(2), value=m.group(3))  # type: ignore[arg-type]
+        name, op, value = parse_matcher(text)
+        return cls(name=name, op=op, value=value)
 
     def matches(self, labels: dict[str, str]) -> bool:
         got = labels.get(self.name, "")
@@ -138,15 +129,6 @@ class Silence(_Data):
 
     def mutes(self, labels: dict[str, str], now: float) -> bool:
         return self.active(now) and matches_all(self.matchers, labels)
-
-
-class InhibitRule(_Data):
-    """A firing source alert mutes target alerts that carry the same values of `equal`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    source: str
-    targets: tuple[str, ...]
-    equal: tuple[str, ...] = ("run",)
 
 
 class Notification(_Data):

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import httpx
-from milepost.alerts.config import AlertsConfig, ReceiverConfig
 from milepost.alerts.model import Notification
 from milepost.alerts.payloads import (
     alertmanager_alerts,
@@ -27,6 +26,7 @@ from milepost.alerts.payloads import (
     slack_payload,
     webhook_payload,
 )
+from milepost.engine.contract.config.alerts import AlertsConfig, ReceiverConfig
 
 log = logging.getLogger("milepost.alerts")
 

@@ -13,7 +13,8 @@ does (a straggler streak, a daemon restart). The rest are computed from state:
 - NoProgress: the running attempt took no step for no_progress_s (or `progress_stalled`);
   a paused run is not stalled, and its pause does not count.
 - CheckpointStale: no committed checkpoint for checkpoint_stale_factor x interval, the interval
-  being the median gap of the last commits (checkpoint_interval_s until two were seen).
+  being the median gap of the last commits (checkpoint_interval_s until two were seen), and
+  never under checkpoint_stale_min_s (a restart must not make seconds-apart commits "stale").
 - WorkerDown: a rank of the running attempt reports `failed`/`dead`, or nothing for worker_down_s.
 - NonFiniteLoss / LossSpike (robust z of the newest loss over a window) / RewardCollapse
   (reward_std ~ 0 over a window, or its mean fell below reward_drop_ratio of the window before)
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from milepost.alerts.catalog import condition
-from milepost.alerts.config import AlertsConfig, RulesConfig
 from milepost.alerts.model import Condition, fingerprint
+from milepost.engine.contract.config.alerts import AlertsConfig, RulesConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 Event = dict[str, Any]
@@ -404,7 +405,7 @@ def _state_rules(obs: Observations, now: float, r: RulesConfig, base: dict[str, 
     ckpt = obs.last_checkpoint_ts or obs.attempt_started_at
     gaps = [b - a for a, b in zip(obs.commits, obs.commits[1:], strict=False) if b > a]
     interval = statistics.median(gaps) if gaps else r.checkpoint_interval_s
-    limit = r.checkpoint_stale_factor * interval
+    limit = max(r.checkpoint_stale_factor * interval, r.checkpoint_stale_min_s)
     if now - ckpt > limit:
         out.append(
             condition(

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import urllib.parse
 
-from milepost.alerts.config import AlertsConfig, RouteConfig
 from milepost.alerts.model import (
     Alert,
     AlertStatus,
     Condition,
+    Matcher,
     Notification,
     Silence,
     dumps,
     matches_all,
     severity_at_least,
 )
+from milepost.engine.contract.config.alerts import AlertsConfig, RouteConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -144,7 +145,7 @@ def route_receivers(routes: tuple[RouteConfig, ...], labels: dict[str, str]) -> 
             continue
         if route.severities and severity not in route.severities:
             continue
-        if not matches_all(route.parsed_matchers(), labels):
+        if not matches_all([Matcher.parse(t) for t in route.matchers], labels):
             continue
         out.extend(r for r in route.receivers if r not in out)
         if not route.continue_:
@@ -156,8 +157,17 @@ def notifications(state: AlertState, now: float, cfg: AlertsConfig) -> list[Noti
     """What to send at `now`; marks it sent in `state` (enqueue before persisting the state)."""
     members: dict[str, list[Alert]] = {}
     for alert in sorted(state.alerts.values(), key=lambda a: (a.active_since, a.fingerprint)):
-        if alert.status == AlertStatus.PENDING or muted(state, alert, now, cfg):
+        if alert.status == AlertStatus.PENDING:
             continue
+        if muted(state, alert, now, cfg):
+            alert.muted_firing = alert.muted_firing or alert.status == AlertStatus.FIRING
+            continue
+        if (
+            alert.status == AlertStatus.RESOLVED
+            and alert.muted_firing
+            and not any(alert.fingerprint in g.sent for g in state.groups.values())
+        ):
+            continue  # inhibited or silenced while it fired, never sent: one page per incident
         glabels = {k: alert.labels[k] for k in cfg.group_by if k in alert.labels}
         for receiver in route_receivers(cfg.routes, alert.labels):
             gid = f"{receiver}|{dumps(glabels)}"

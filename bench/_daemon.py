@@ -34,14 +34,16 @@ def job_text(overrides: dict[str, dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
-def daemon(overrides: dict[str, dict[str, Any]], prefix: str) -> Iterator[tuple[Any, Path]]:
-    """Yields (client, run_dir) of a detached daemon; kills it and its attempts afterwards."""
+def daemon(overrides: dict[str, dict[str, Any]], prefix: str, extra: str = "") -> Iterator[tuple[Any, Path]]:
+    """Yields (client, run_dir) of a detached daemon; kills it and its attempts afterwards.
+
+    ``extra``: TOML text appended to the job (tables of tables, like ``[[alerts.routes]]``)."""
     from milepost.daemon.client import DaemonClient
     from milepost.daemon.store import Store
     from milepost.engine.cluster import loopback_env
 
     tmp = Path(tempfile.mkdtemp(prefix=f"milepost-bench-{prefix}-"))
-    (tmp / "job.toml").write_text(job_text(overrides))
+    (tmp / "job.toml").write_text(job_text(overrides) + extra)
     run_dir = tmp / "run"
     cmd = [
         sys.executable,

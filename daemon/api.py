@@ -26,6 +26,8 @@ from typing import Annotated, Any, Protocol, TypeVar
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from milepost.daemon.alert_routes import install_routes as install_alert_routes
+from milepost.daemon.alerting import DaemonAlerting
 from milepost.daemon.api_guard import WriteGuard, WriteLimits
 from milepost.daemon.api_models import (
     Attempts,
@@ -226,9 +228,11 @@ def create_app(
     require_token_for_reads: bool,
     telemetry: Telemetry | None = None,
     limits: WriteLimits | None = None,
+    alerting: DaemonAlerting | None = None,
 ) -> FastAPI:
     """``telemetry``: the daemon's metrics and trace receiver (a standalone one when None);
-    ``limits``: the writes' body caps, deadline and in-flight bound (the defaults when None)."""
+    ``limits``: the writes' body caps, deadline and in-flight bound (the defaults when None);
+    ``alerting``: the run's alerts (None: the alert routes answer empty reads and 503 writes)."""
     if not token:
         raise ValueError("create_app: an empty token would let anyone write")
     app = FastAPI(title="milepost daemon", version="1", summary="Supervisor of an LLM RL post-training run")
@@ -371,6 +375,11 @@ def create_app(
         return json_response(result)
 
     _body_schema(app, INGEST_PATH, IngestBatch)
+
+    for path, model in install_alert_routes(
+        app, alerting, auth=auth, read_deps=read_deps, read_errors=read_errors, write_errors=_ERRORS
+    ):
+        _body_schema(app, path, model)
 
     install_telemetry_routes(
         app,

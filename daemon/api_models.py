@@ -168,3 +168,87 @@ class IngestResult(_Open):
 
 class ErrorBody(BaseModel):
     detail: Any
+
+
+# -- alerts and silences ------------------------------------------------------
+class AlertView(_Open):
+    fingerprint: str
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(description="summary, description, evidence, action, dashboard")
+    status: str = Field(description="pending | firing | resolved")
+    for_s: float
+    active_since: float
+    fired_at: float | None = None
+    resolved_at: float | None = None
+    last_seen: float
+    generator_url: str
+    silenced_by: list[str] = Field(description="ids of the active silences that mute it")
+    inhibited_by: list[str] = Field(description="fingerprints of the firing alerts that inhibit it")
+
+
+class NotificationView(_Open):
+    key: str
+    receiver: str
+    status: str = Field(description="firing | resolved: the notification's")
+    alerts: list[str] = Field(description="alertnames in it")
+    state: str = Field(description="pending | sent | failed | expired: its delivery's")
+    attempts: int
+    reason: str
+    created_at: float
+
+
+class Delivery(BaseModel):
+    pending: dict[str, int] = Field(description="receiver -> notifications waiting")
+    held: dict[str, str] = Field(description="receiver -> why it cannot send (an unset secret variable)")
+    history: list[NotificationView] = Field(description="the newest notifications, newest first")
+
+
+class Alerts(BaseModel):
+    alerts: list[AlertView] = Field(
+        description="firing, pending and resolved (kept resolved_keep_s), newest first"
+    )
+    delivery: Delivery
+
+
+class SilenceRequest(BaseModel):
+    """``POST /api/v1/silences``: mute alerts whose labels match every matcher, from now for ``duration_s``."""
+
+    model_config = ConfigDict(extra="forbid")
+    matchers: list[str] = Field(
+        min_length=1, max_length=32, examples=[["alertname=CollectiveHang", "rank=1"]]
+    )
+    duration_s: float = Field(gt=0, le=366 * 86400, allow_inf_nan=False)
+    created_by: str = Field("", max_length=200)
+    comment: str = Field("", max_length=2000)
+
+
+class MatcherView(BaseModel):
+    name: str
+    op: str
+    value: str
+
+
+class SilenceView(_Open):
+    id: str
+    matchers: list[MatcherView]
+    starts_at: float
+    ends_at: float
+    created_by: str
+    comment: str
+    active: bool
+
+
+class Silences(BaseModel):
+    silences: list[SilenceView]
+
+
+class AlertTestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    receiver: str = Field(min_length=1, max_length=64)
+
+
+class AlertTestResult(BaseModel):
+    receiver: str
+    status: str = Field(description="ok | retry | fail")
+    answer: str = Field(description="what the receiver answered (secrets scrubbed)")
+    reason: str

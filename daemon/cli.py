@@ -8,6 +8,7 @@ milepost pause|resume|stop|checkpoint [--run-dir DIR]   control a running run
 milepost inject --rank N --kind K    inject a fault into a rank
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
 milepost schema                      the job file's JSON Schema
+milepost alerts list|silence|unsilence|test   the run's alerts (see milepost alerts -h)
 
 Commands of other packages are listed in ``COMMANDS`` by module name and imported only
 when named, so that ``milepost run`` loads neither torch nor the dashboard.
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--run-dir", default=None)
     i.set_defaults(func=_cmd_inject)
     sub.add_parser("schema", help="print the job file's JSON Schema").set_defaults(func=_cmd_schema)
+    from .alerts_cli import add_parser as add_alerts_parser
+
+    add_alerts_parser(sub)
     for name, (_, text) in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in -h; parsed by its own module
     return p

@@ -16,7 +16,17 @@ import httpx
 from milepost.daemon.auth import read_token
 from milepost.engine.contract.enums import Role
 from milepost.engine.contract.layout import RunDir
-from milepost.engine.contract.routes import API, FAULTS_PATH, HEALTHZ_PATH, STATUS_PATH, control_path
+from milepost.engine.contract.routes import (
+    ALERTS_PATH,
+    ALERTS_TEST_PATH,
+    API,
+    FAULTS_PATH,
+    HEALTHZ_PATH,
+    SILENCES_PATH,
+    STATUS_PATH,
+    control_path,
+    silence_path,
+)
 
 
 class EventQuery(TypedDict, total=False):
@@ -140,7 +150,29 @@ class DaemonClient:
     def diagnoses(self) -> list[dict[str, Any]]:
         return list(self._request("GET", f"{API}/diagnoses")["diagnoses"])
 
+    def alerts(self) -> dict[str, Any]:
+        """``{"alerts": [...], "delivery": {"pending", "held", "history"}}``."""
+        return dict(self._request("GET", ALERTS_PATH))
+
+    def silences(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", SILENCES_PATH)["silences"])
+
     # -- writes ---------------------------------------------------------------
+    def silence(
+        self, matchers: list[str], duration_s: float, *, created_by: str = "", comment: str = ""
+    ) -> dict[str, Any]:
+        """Mutes alerts matching every matcher (``alertname=CollectiveHang``) for ``duration_s``."""
+        body = {"matchers": matchers, "duration_s": duration_s, "created_by": created_by, "comment": comment}
+        return dict(self._request("POST", SILENCES_PATH, body=body))
+
+    def unsilence(self, silence_id: str) -> dict[str, Any]:
+        """Expires a silence now; DaemonError 404 when no active silence has that id."""
+        return dict(self._request("DELETE", silence_path(quote(silence_id, safe=""))))
+
+    def test_receiver(self, receiver: str) -> dict[str, Any]:
+        """Sends a test alert to one receiver; ``{"status": ok|retry|fail, "answer", "reason"}``."""
+        return dict(self._request("POST", ALERTS_TEST_PATH, body={"receiver": receiver}))
+
     def inject(
         self, kind: str, *, role: str = Role.TRAINER, rank: int = 0, step: int = 0, factor: float = 1.5
     ) -> dict[str, Any]:

@@ -69,6 +69,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     from milepost.engine.contract.config import ConfigError, load_ops_view
     from milepost.engine.wire import lower_thread_priority
 
+    from .alerting import DaemonAlerting
     from .api import create_app
     from .auth import load_or_create_token
     from .store import SchemaTooNew, Store
@@ -106,6 +107,11 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
             Role.ROLLOUT: sv.heartbeat_timeout_rollout_s,
         },
     )
+    # Subscribed and restored before the supervisor publishes: re-attach events reach the rules.
+    alerting = DaemonAlerting(ops.alerts, run_dir, store, telemetry.metrics)
+    if telemetry.bus is not None:
+        telemetry.bus.subscribe(alerting)
+    alerting.start()
     sup = Supervisor(
         job=str(Path(job).resolve()),
         run_dir=run_dir,
@@ -118,7 +124,12 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         bus=telemetry.bus,
     )
     app = create_app(
-        store, sup.controller, token=token, require_token_for_reads=host not in LOOPBACK, telemetry=telemetry
+        store,
+        sup.controller,
+        token=token,
+        require_token_for_reads=host not in LOOPBACK,
+        telemetry=telemetry,
+        alerting=alerting,
     )
     # Ranks keep one connection each for reports (every second) and one for spans (every 5 s):
     # uvicorn's 5 s idle limit would close the latter between exports.
@@ -163,6 +174,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         interrupted = True
     finally:
         sup.shutdown()
+        alerting.close()
         telemetry.close()
     if not interrupted:
         return 0

@@ -56,6 +56,7 @@ RUN_STATES = (
     RunState.STOPPED,
 )
 SEVERITIES = tuple(Severity)
+ALERT_STATES = ("pending", "firing", "resolved")
 # Step record key -> (gauge, help, labels): exported once the first finite value arrives.
 # The keys are also the values of milepost_nonfinite_values_total{metric}.
 LEARNING: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -216,13 +217,16 @@ class RunMetrics:
             "Diagnoses whose row or evidence could not be written (disk full?); detection went on",
             registry=r,
         )
-        self.alerts_firing = Gauge(
-            "milepost_alerts_firing", "Alerts firing, by alert", ["alertname"], registry=r
+        self.alerts = Gauge(
+            "milepost_alerts",
+            "Alerts by name and state (pending, firing, resolved)",
+            ["alertname", "state"],
+            registry=r,
         )
         self.notifications = Counter(
             "milepost_notifications",
-            "Alert notifications sent, by receiver and outcome",
-            ["receiver", "status"],
+            "Alert notification sends by receiver and outcome (ok, retry, fail, expired)",
+            ["receiver", "outcome"],
             registry=r,
         )
         # Known label values start at 0, so increase() and alerts work before the first event.
@@ -390,17 +394,17 @@ class RunMetrics:
         with self._lock:
             self._straggler[(role, int(rank))] = f
 
-    def set_alerts_firing(self, firing: dict[str, int]) -> None:
-        """The alert manager's view: alertname -> alerts firing (names not given drop to 0)."""
-        for name in list(self._alert_names):
-            if name not in firing:
-                self.alerts_firing.labels(name).set(0)
-        for name, n in firing.items():
-            self._alert_names.add(name)
-            self.alerts_firing.labels(name).set(n)
+    def set_alerts(self, counts: dict[tuple[str, str], int], names: Iterable[str] = ()) -> None:
+        """The alert manager's view: (alertname, state) -> alerts; every known name shows 0 otherwise."""
+        self._alert_names.update(names)
+        self._alert_names.update(name for name, _ in counts)
+        for name in self._alert_names:
+            for state in ALERT_STATES:
+                self.alerts.labels(name, state).set(counts.get((name, state), 0))
 
-    def on_notification(self, receiver: str, status: str) -> None:
-        self.notifications.labels(receiver, status).inc()
+    def on_notification(self, receiver: str, outcome: str) -> None:
+        """One send of the outbox's dispatcher (receiver names come from the job file: bounded)."""
+        self.notifications.labels(receiver, outcome).inc()
 
     # -- scrape-time families ----------------------------------------------------
     def run_id(self) -> str:

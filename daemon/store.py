@@ -64,8 +64,11 @@ _V1 = (
 
 _TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_RUN_STATES))  # an ended run stays ended
 
+# Version 2: named JSON documents a part of the daemon keeps across restarts (the alert state).
+_V2 = ("""CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL)""",)
+
 # Ordered steps: step n takes a database from version n - 1 to n. Append; never edit one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -363,6 +366,19 @@ class Store:
             for k in ("culprit_ranks", "phases", "evidence"):
                 r[k] = json.loads(r[k] or "null")
         return rows
+
+    # -- state documents --------------------------------------------------------
+    def get_state(self, name: str) -> dict[str, Any] | None:
+        """The JSON document ``name`` last saved with ``put_state``, or None."""
+        row = self._one("SELECT value FROM state WHERE name = ?", (name,))
+        return dict(json.loads(row["value"])) if row else None
+
+    def put_state(self, name: str, value: str) -> None:
+        """Saves ``value`` (JSON text) as document ``name``, replacing the previous one."""
+        self._exec(
+            "INSERT OR REPLACE INTO state (name, value, updated_at) VALUES (?, ?, ?)",
+            (name, value, time.time()),
+        )
 
     # -- offsets of tailed files ----------------------------------------------
     def offset(self, name: str) -> int:

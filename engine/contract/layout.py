@@ -6,6 +6,7 @@
       daemon.json             the live daemon's url, port, pid (tools find the API through it)
       token                   the API's bearer token (0600), unless $MILEPOST_TOKEN is set
       milepost.db             the daemon's SQLite store (WAL)
+      alerts_outbox.db        alert notifications waiting for (or sent to) their receivers
       daemon.log, daemon.out  the daemon's log; its stdout/stderr when detached
       attempts/attempt_N.log  attempt N's stdout/stderr
       attempts/standby_N/     a warm standby for attempt N: it writes ``ready``, waits for ``go``
@@ -28,6 +29,7 @@ STEPS_FILE = "steps.jsonl"
 DAEMON_FILE = "daemon.json"
 TOKEN_FILE = "token"
 DB_FILE = "milepost.db"
+ALERTS_OUTBOX_FILE = "alerts_outbox.db"  # notifications waiting for their receivers
 DAEMON_LOG = "daemon.log"
 DAEMON_OUT = "daemon.out"
 ATTEMPTS_DIR = "attempts"
@@ -100,6 +102,7 @@ class RunDir:
     daemon_file = _Under(DAEMON_FILE)
     token = _Under(TOKEN_FILE)
     db = _Under(DB_FILE)
+    alerts_outbox = _Under(ALERTS_OUTBOX_FILE)
     daemon_log = _Under(DAEMON_LOG)
     daemon_out = _Under(DAEMON_OUT)
     attempts = _Under(ATTEMPTS_DIR)

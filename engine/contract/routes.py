@@ -14,3 +14,13 @@ HEALTHZ_PATH = "/healthz"
 def control_path(action: str) -> str:
     """``POST`` here to pause, resume, stop or checkpoint the run."""
     return f"{API}/control/{action}"
+
+
+ALERTS_PATH = f"{API}/alerts"  # GET: alerts firing, pending and resolved, and delivery
+ALERTS_TEST_PATH = f"{API}/alerts/test"  # POST {"receiver": NAME}: send a test alert, get the answer
+SILENCES_PATH = f"{API}/silences"  # GET: the silences; POST a SilenceRequest
+
+
+def silence_path(silence_id: str) -> str:
+    """``DELETE`` here to expire a silence."""
+    return f"{SILENCES_PATH}/{silence_id}"

@@ -16,8 +16,11 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from milepost.daemon.alerting import DaemonAlerting
 from milepost.daemon.api import create_app
+from milepost.daemon.metrics import RunMetrics
 from milepost.daemon.store import Store
+from milepost.engine.contract.config import AlertsConfig
 from schemathesis.checks import not_a_server_error
 
 from tests.servers import FakeController, serve
@@ -60,9 +63,12 @@ def base_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     store.add_step({"step": 1, "attempt": 0, "loss": float("inf")})
     store.upsert_checkpoint(1, path="/c/1", status="committed", world_size=2)
     controller = FakeController(store) if request.param == "fake" else _real_supervisor(store, run_dir)
-    app = create_app(store, controller, token=TOKEN, require_token_for_reads=True)
+    # The daemon's real alerting (default [alerts]: the log receiver), so silences and tests answer.
+    alerting = DaemonAlerting(AlertsConfig(), run_dir, store, RunMetrics()).start()
+    app = create_app(store, controller, token=TOKEN, require_token_for_reads=True, alerting=alerting)
     with serve(app) as url:
         yield url
+    alerting.close()
     store.close()
 
 

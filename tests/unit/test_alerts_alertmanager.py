@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from milepost.alerts.config import AlertsConfig, ReceiverConfig
 from milepost.alerts.payloads import webhook_payload
 from milepost.alerts.receivers import build_receiver
+from milepost.engine.contract.config.alerts import AlertsConfig, ReceiverConfig
 
 from tests.servers import start_prometheus_binary
 from tests.unit.test_alerts_receivers import Capture, capture_server, make_notification

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from milepost.alerts.config import AlertsConfig, ReceiverConfig
 from milepost.alerts.manager import AlertManager, open_delivery
 from milepost.alerts.model import AlertStatus, Notification
 from milepost.alerts.outbox import Dispatcher, Outbox, backoff_s
 from milepost.alerts.receivers import Outcome, build_receiver
+from milepost.engine.contract.config.alerts import AlertsConfig, ReceiverConfig
 
 from tests.unit.test_alerts_receivers import capture_server, make_notification
 

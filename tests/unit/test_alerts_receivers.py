@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from milepost.alerts.config import AlertsConfig, ReceiverConfig
 from milepost.alerts.manager import send_test
 from milepost.alerts.model import Alert, AlertStatus, Notification
 from milepost.alerts.receivers import MissingSecret, Secret, build_receiver
+from milepost.engine.contract.config.alerts import AlertsConfig, ReceiverConfig
 
 SECRET_URL_TAIL = "T000/B000/XXXXSECRETXXXX"
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from milepost.alerts import catalog, rules
-from milepost.alerts.config import AlertsConfig, RulesConfig
 from milepost.alerts.model import Condition
+from milepost.engine.contract.config.alerts import AlertsConfig, RulesConfig
 
 CFG = AlertsConfig(
     rules=RulesConfig(
@@ -18,6 +18,7 @@ CFG = AlertsConfig(
         no_progress_s=100,
         checkpoint_interval_s=100,
         checkpoint_stale_factor=2,
+        checkpoint_stale_min_s=10,
         worker_down_s=30,
         loss_spike_window=10,
         reward_window=5,

@@ -118,8 +118,8 @@ def feed_everything(m: RunMetrics) -> None:
     ):
         bus.event(ev)
     m.set_straggler_score(1, 2.5)
-    m.set_alerts_firing({"MilepostStalled": 1})
-    m.on_notification("webhook", "sent")
+    m.set_alerts({("CollectiveHang", "firing"): 1}, ["CollectiveHang", "RunFailed"])
+    m.on_notification("webhook", "ok")
 
 
 def recorded_gpu_snapshot(node: str) -> dict[str, Any]:
@@ -189,11 +189,11 @@ DESIGN_FAMILIES = [
     "milepost_gpu_xid_errors",
     "milepost_gpu_devices",  # DESIGN's milepost_gpu_count: promtool rejects _count on a gauge
     "milepost_gpu_collector_up",
-    "milepost_alerts_firing",
+    "milepost_alerts",
     "milepost_notifications",
 ]
 ALLOWED_LABELS = {"run_id", "attempt", "role", "rank", "node", "gpu", "op", "group", "phase", "le"}
-ALLOWED_LABELS |= {"component", "metric", "kind", "reason", "type", "xid", "alertname", "receiver", "status"}
+ALLOWED_LABELS |= {"component", "metric", "kind", "reason", "type", "xid", "alertname", "receiver", "status", "outcome"}
 ALLOWED_LABELS |= {"state", "severity", "uuid", "name"}
 
 

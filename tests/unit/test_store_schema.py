@@ -60,8 +60,23 @@ def test_a_database_from_before_versions_opens_with_its_rows_intact(tmp_path: Pa
 
 
 def test_version_1_is_the_schema_before_versions(tmp_path: Path) -> None:
-    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / DB_FILE, isolation_level=None)
+    assert migrate(db, tmp_path / DB_FILE, MIGRATIONS[:1]) == 1
+    db.close()
     assert _tables(tmp_path / DB_FILE) == _tables(PREVIOUS)  # same tables, columns and index, to the byte
+
+
+def test_version_2_keeps_state_documents_across_reopening(tmp_path: Path) -> None:
+    shutil.copy(PREVIOUS, tmp_path / DB_FILE)
+    store = Store(tmp_path)
+    assert store.get_state("alerts") is None
+    store.put_state("alerts", '{"v": 1, "silences": {"s1": {}}}')
+    store.close()
+    store = Store(tmp_path)
+    try:
+        assert store.get_state("alerts") == {"v": 1, "silences": {"s1": {}}}
+    finally:
+        store.close()
 
 
 def test_a_fresh_database_starts_at_the_current_version(tmp_path: Path) -> None:

@@ -3,6 +3,14 @@
 Torch-free like the rest of the contract: the daemon validates job files with it too.
 """
 
+from .alerts import (
+    AlertsConfig,
+    InhibitRule,
+    ReceiverConfig,
+    RouteConfig,
+    RulesConfig,
+    parse_matcher,
+)
 from .backends import MegatronConfig, SGLangConfig
 from .base import ConfigError, Section
 from .job import (
@@ -20,17 +28,22 @@ from .training import CheckpointConfig, GRPOConfig, ModelConfig, RayConfig, Task
 
 __all__ = [
     "SCHEMA_FILE",
+    "AlertsConfig",
     "CheckpointConfig",
     "ConfigError",
     "DetectionConfig",
     "FaultSpec",
     "GRPOConfig",
+    "InhibitRule",
     "JobConfig",
     "MegatronConfig",
     "ModelConfig",
     "OpsView",
     "RayConfig",
+    "ReceiverConfig",
     "RolloutConfig",
+    "RouteConfig",
+    "RulesConfig",
     "RunConfig",
     "SGLangConfig",
     "Section",
@@ -42,4 +55,5 @@ __all__ = [
     "job_schema_text",
     "load_job",
     "load_ops_view",
+    "parse_matcher",
 ]

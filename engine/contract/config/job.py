@@ -14,6 +14,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
+from .alerts import AlertsConfig
 from .backends import MegatronConfig, SGLangConfig
 from .base import ConfigError, FieldError, config_error
 from .ops import DetectionConfig, FaultSpec, RolloutConfig, RunConfig, SupervisorConfig, TrainerConfig
@@ -39,6 +40,7 @@ class JobConfig(BaseModel):
     detection: DetectionConfig = DetectionConfig()
     megatron: MegatronConfig = MegatronConfig()
     sglang: SGLangConfig = SGLangConfig()
+    alerts: AlertsConfig = AlertsConfig()
     faults: list[FaultSpec] = []
     _source: str = PrivateAttr("")  # the file it came from, for messages; not a key of the file
 
@@ -147,6 +149,7 @@ class OpsView(BaseModel):
     rollout: RolloutConfig = RolloutConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     detection: DetectionConfig = DetectionConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
 
 def job_from_dict(doc: dict[str, Any], *, source: str = "") -> JobConfig:
