@@ -257,7 +257,14 @@ def test_a_hang_that_restarts_pages_once_firing_and_once_resolved() -> None:
     m = AlertManager(cfg, "r1")
 
     def ev(kind: str, ts: float, attempt: int, severity: str = "info", **data: object) -> dict[str, object]:
-        return {"kind": kind, "ts": ts, "severity": severity, "attempt": attempt, "message": kind, "data": data}
+        return {
+            "kind": kind,
+            "ts": ts,
+            "severity": severity,
+            "attempt": attempt,
+            "message": kind,
+            "data": data,
+        }
 
     m.on_event(ev("attempt_launched", 0, 0))
     m.tick(1)

@@ -193,7 +193,18 @@ DESIGN_FAMILIES = [
     "milepost_notifications",
 ]
 ALLOWED_LABELS = {"run_id", "attempt", "role", "rank", "node", "gpu", "op", "group", "phase", "le"}
-ALLOWED_LABELS |= {"component", "metric", "kind", "reason", "type", "xid", "alertname", "receiver", "status", "outcome"}
+ALLOWED_LABELS |= {
+    "component",
+    "metric",
+    "kind",
+    "reason",
+    "type",
+    "xid",
+    "alertname",
+    "receiver",
+    "status",
+    "outcome",
+}
 ALLOWED_LABELS |= {"state", "severity", "uuid", "name"}
 
 
