@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 from milepost.alerts.catalog import CATALOG
-from milepost.alerts.config import default_inhibit_rules
 from milepost.alerts.rules import LATCHES
+from milepost.engine.contract.config.alerts import default_inhibit_rules
 
 pytestmark = pytest.mark.timeout(60)
 
