@@ -8,6 +8,8 @@ milepost pause|resume|stop|checkpoint [--run-dir DIR]   control a running run
 milepost inject --rank N --kind K    inject a fault into a rank
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
 milepost schema                      the job file's JSON Schema
+milepost grafana push|render [...]   Grafana dashboards and alert rules (see milepost grafana -h)
+milepost deploy kuberay JOB.toml     KubeRay manifests from a job file (see milepost deploy -h)
 
 Commands of other packages are listed in ``COMMANDS`` by module name and imported only
 when named, so that ``milepost run`` loads neither torch nor the dashboard.
@@ -34,6 +36,8 @@ from milepost.engine.contract.routes import STATUS_PATH
 # Commands other packages own: name -> (module with main(argv), help line).
 COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("milepost.engine.cli", "run the engine alone (one attempt); see milepost engine -h"),
+    "grafana": ("milepost.daemon.grafana_push", "push or render the Grafana dashboards and alert rules"),
+    "deploy": ("milepost.daemon.kuberay", "render KubeRay RayCluster/RayJob manifests from a job file"),
 }
 
 
