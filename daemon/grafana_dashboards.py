@@ -50,9 +50,9 @@ def _panel(p: P, pid: int) -> Any:
         reduce = common.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
         b = stat.Panel().reduce_options(reduce).graph_mode(cm.BigValueGraphMode.AREA).height(4)
     elif p.kind == "state":
-        b = statetimeline.Panel().legend(legend).show_value(cm.VisibilityMode.AUTO).height(8)
+        b = statetimeline.Panel().legend(legend).show_value(cm.VisibilityMode.AUTO).fill_opacity(70).height(8)
     else:
-        b = timeseries.Panel().legend(legend).height(8)
+        b = timeseries.Panel().legend(legend).line_width(1).fill_opacity(10).height(8)
     b = b.id(pid).title(p.title).datasource(DATASOURCE).unit(p.unit).span(p.width)
     if p.description:
         b = b.description(p.description)
