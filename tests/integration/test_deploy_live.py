@@ -145,6 +145,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("deploy")
     doc = tomllib.loads((ROOT / "examples/tiny-grpo-cpu.toml").read_text())
     doc["run"]["name"] = "deploy-live"
+    doc["run"]["steps"] = 100_000  # outlives the checks (the example's 120 steps take about a minute)
     doc["checkpoint"]["interval"] = 3
     doc["detection"] = {"straggler_window_steps": 2}
     doc["supervisor"] = {"standby": False, "backoff_initial_s": 0.5, "backoff_max_s": 2.0}
