@@ -187,7 +187,7 @@ def _drive(live: Live) -> None:
     run.wait("a hang diagnosis", lambda: run.events("collective_hang"), 90)
     hang_step = run.status()["step"]
     run.wait(
-        "a verified resume", lambda: [e for e in run.events("resume_verified") if e["attempt"] >= 2], 120
+        "a verified resume", lambda: [e for e in run.events("resume_verified") if e["attempt"] >= 1], 120
     )
     run.wait_step(hang_step + 2, timeout=120)
     token = (run.run_dir / "token").read_text().strip()
