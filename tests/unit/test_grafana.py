@@ -175,7 +175,7 @@ class FakeGrafana:
         ]
         for verb, pattern, fn in routes:
             if verb == method and (m := re.fullmatch(pattern, path)):
-                return fn(m)  # type: ignore[no-any-return]
+                return fn(m)
         return 404, {"message": "Not found"}
 
     @staticmethod
