@@ -56,6 +56,38 @@ def load_rules(path: Path) -> list[dict[str, Any]]:
     return groups
 
 
+_UNITS_MS = {
+    "y": 31_536_000_000,
+    "w": 604_800_000,
+    "d": 86_400_000,
+    "h": 3_600_000,
+    "m": 60_000,
+    "s": 1000,
+    "ms": 1,
+}
+
+
+def duration_ms(text: str) -> int:
+    """A Prometheus duration (``1h30m``, ``90s``) in milliseconds."""
+    return sum(int(n) * _UNITS_MS[u] for n, u in re.findall(r"([0-9]+)(ms|[ywdhms])", text))
+
+
+def prom_duration(text: str) -> str:
+    """The canonical spelling Grafana answers with (Prometheus' model.Duration): ``90s`` -> ``1m30s``,
+    so that a second push compares equal."""
+    ms = duration_ms(text)
+    if ms == 0:
+        return "0s"
+    out = ""
+    for unit, mult in _UNITS_MS.items():
+        if unit in ("y", "w") and ms % mult:
+            continue  # years and weeks only when exact
+        if ms >= mult:
+            out += f"{ms // mult}{unit}"
+            ms %= mult
+    return out
+
+
 def rule_uid(group: str, alert: str) -> str:
     """A stable uid (Grafana allows 40 characters): the alert's name, then a hash of group and name."""
     digest = hashlib.sha1(f"{group}/{alert}".encode()).hexdigest()[:8]
@@ -108,7 +140,7 @@ def grafana_rules(groups: list[dict[str, Any]], folder_uid: str = FOLDER_UID) ->
                     "data": _data(str(r["expr"])),
                     "noDataState": "OK",
                     "execErrState": "Error",
-                    "for": str(r.get("for", "0s")),
+                    "for": prom_duration(str(r.get("for", "0s"))),
                     "labels": {str(k): str(v) for k, v in (r.get("labels") or {}).items()},
                     "annotations": {str(k): str(v) for k, v in (r.get("annotations") or {}).items()},
                     "isPaused": False,

@@ -80,22 +80,6 @@ def _same(have: dict[str, Any], want: dict[str, Any]) -> bool:
     return all(_contains(have.get(k), v) for k, v in want.items() if k not in _VOLATILE)
 
 
-def _seconds(duration: str) -> int:
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
-    total, num = 0.0, ""
-    i = 0
-    while i < len(duration):
-        c = duration[i]
-        if c.isdigit():
-            num += c
-            i += 1
-            continue
-        unit = "ms" if duration.startswith("ms", i) else c
-        total += int(num) * units[unit]
-        num, i = "", i + len(unit)
-    return int(total)
-
-
 class Pusher:
     """Reads each object from Grafana, then creates or updates it unless ``dry_run``."""
 
@@ -195,7 +179,7 @@ class Pusher:
 
     def group(self, group: str, interval: str) -> None:
         ap = self.api.alertingprovisioning
-        seconds = _seconds(interval)
+        seconds = ga.duration_ms(interval) // 1000
         if self.dry_run and any(a.kind == "alert-rule" and a.op == "create" for a in self.actions):
             have: dict[str, Any] | None = None  # the group comes with its first rule
         else:

@@ -109,12 +109,22 @@ def test_alert_rules_follow_the_prometheus_rules() -> None:
     assert [r["title"] for r in rules] == [r["alert"] for _, r in alerts]
     for rule, (group, src) in zip(rules, alerts, strict=True):
         assert rule["ruleGroup"] == group and rule["folderUID"] == ga.FOLDER_UID
-        assert rule["for"] == src.get("for", "0s") and rule["labels"] == src.get("labels", {})
+        assert rule["for"] == ga.prom_duration(src.get("for", "0s")) and rule["labels"] == src.get(
+            "labels", {}
+        )
         a, _, c = rule["data"]
         assert a["datasourceUid"] == DATASOURCE_UID and src["expr"].strip() in a["model"]["expr"]
         assert rule["condition"] == c["refId"] == "C" and len(rule["uid"]) <= 40
     prov = ga.alerting_provisioning(groups)
     assert sum(len(g["rules"]) for g in prov["groups"]) == len(rules)
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"), [("0s", "0s"), ("90s", "1m30s"), ("5m", "5m"), ("1h30m", "1h30m"), ("14d", "2w")]
+)
+def test_for_is_spelled_as_grafana_answers(given: str, canonical: str) -> None:
+    """Grafana answers ``for`` in Prometheus' canonical form: compared as sent, 90s would differ forever."""
+    assert ga.prom_duration(given) == canonical
 
 
 def test_a_bad_rules_file_names_the_field(tmp_path: Path) -> None:
