@@ -259,7 +259,7 @@ def write_files(
     files[prov / "dashboards" / "milepost.yaml"] = ga.to_yaml(ga.dashboard_provisioning(folder), gen)
     if rules is not None:
         doc = ga.alerting_provisioning(ga.load_rules(rules), folder)
-        files[prov / "alerting" / "milepost-alerts.yaml"] = ga.to_yaml(doc, f"{gen}; from {rules}")
+        files[prov / "alerting" / "milepost-alerts.yaml"] = ga.to_yaml(doc, f"{gen}; from {rules.name}")
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -302,8 +302,13 @@ def test_push_creates_everything_then_a_second_push_changes_nothing(
     rules = [b for m, p, b in writes if p == "/api/v1/provisioning/alert-rules"]
     assert len(rules) == n_rules > 0 and all(r["folderUID"] == "milepost" for r in rules)
     assert all(m == "GET" for m, p, _ in fake.requests if "/alert-rules/" in p), "rules created by POST"
-    groups = [p for m, p, b in writes if "/rule-groups/" in p]
-    assert groups, "each group's interval is set"
+    groups = ga.load_rules(_rules_file())
+    with_alerts = {r["ruleGroup"] for r in ga.grafana_rules(groups)}
+    not_default = {
+        n for n, i in ga.group_intervals(groups).items() if n in with_alerts and i not in ("1m", "60s")
+    }
+    put = {p.rsplit("/", 1)[-1] for m, p, b in writes if "/rule-groups/" in p}
+    assert put == not_default, "each group whose interval is not Grafana's default 1m gets it set"
     assert "create" in first and "no changes" not in first
 
     fake.requests.clear()
