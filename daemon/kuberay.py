@@ -207,11 +207,19 @@ class Render:
             {"containerPort": 8265, "name": "dashboard"},
             {"containerPort": 10001, "name": "client"},
         ]
-        containers = [head]
+        containers, volumes = [head], self._volumes()
         if daemon_sidecar:
+            # The daemon's attempts are Ray drivers: they reach the head's raylet and object store
+            # through the sockets under /tmp/ray, so both containers share it.
+            volumes.append({"name": "ray-tmp", "emptyDir": {}})
+            head["volumeMounts"].append({"name": "ray-tmp", "mountPath": "/tmp/ray"})
             daemon = self._container("milepost-daemon", 1, 0, "2Gi")
-            wait = "until ray health-check --address 127.0.0.1:6379; do sleep 2; done"
-            cmd = " ".join(self.milepost_run("127.0.0.1:6379"))
+            daemon["volumeMounts"].append({"name": "ray-tmp", "mountPath": "/tmp/ray"})
+            daemon["env"].append(
+                {"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+            )
+            wait = "until ray health-check --address $MY_POD_IP:6379; do sleep 2; done"
+            cmd = " ".join(self.milepost_run("$MY_POD_IP:6379"))
             daemon["command"] = ["/bin/sh", "-c", f"{wait}; exec {cmd}"]
             daemon["ports"] = [{"containerPort": self.port, "name": "http-metrics"}]
             containers.append(daemon)
@@ -227,7 +235,7 @@ class Render:
                 "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},  # no rank on the head
                 "template": {
                     "metadata": {"labels": dict(self.daemon_labels), "annotations": dict(self.scrape)},
-                    "spec": {"containers": containers, "volumes": self._volumes()},
+                    "spec": {"containers": containers, "volumes": volumes},
                 },
             },
             "workerGroupSpecs": [

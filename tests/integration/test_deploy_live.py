@@ -45,12 +45,9 @@ PROMETHEUS = shutil.which("prometheus")
 _SUFFIX = re.compile(r"_(total|bucket|sum|count)$")
 # Families only a GPU node has (NVML); covered here by the gpu-sim report below.
 # Families alert rules read that no fault of this test produces, each with the one it needs.
-NEEDS_FAULT: dict[str, str] = {
-    # A resumed attempt whose loaded state differs from its checkpoint's manifest: no injectable
-    # fault makes one (corrupt-checkpoint is caught before loading); deploy/prometheus's
-    # promtool tests drive that rule.
-    "milepost_resume_mismatch": "a resume that loads a state other than the manifest's",
-}
+# None today: the condition gauges the rules read (an open hang, a failed attempt, a resume
+# mismatch) are exported at 0 until their condition holds, and the hang fault sets the first.
+NEEDS_FAULT: dict[str, str] = {}
 NEEDS_GPU = {
     "milepost_gpu_utilization_ratio",
     "milepost_gpu_memory_used_bytes",
