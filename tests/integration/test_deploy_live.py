@@ -187,15 +187,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 def _drive(live: Live) -> None:
     """The run through a checkpoint, a hang and its recovery; then GPU samples; then one scrape more."""
     run, client = live.run, live.run.client()
-    run.wait_step(4, timeout=150)
+    run.wait_step(4, timeout=240)
     run.wait("a committed checkpoint", lambda: run.events("checkpoint_committed"), 60)
     client.inject("hang", role="trainer", rank=1)
     run.wait("a hang diagnosis", lambda: run.events("collective_hang"), 90)
     hang_step = run.status()["step"]
     run.wait(
-        "a verified resume", lambda: [e for e in run.events("resume_verified") if e["attempt"] >= 1], 120
+        "a verified resume", lambda: [e for e in run.events("resume_verified") if e["attempt"] >= 1], 240
     )
-    run.wait_step(hang_step + 2, timeout=120)
+    run.wait_step(hang_step + 2, timeout=180)
     token = (run.run_dir / "token").read_text().strip()
     url = client.url + INGEST_PATH
     for seq in (1, 2, 3):
@@ -221,7 +221,7 @@ def _instant(expr: str, run_id: str) -> str:
     return expr.replace("$run_id", run_id).replace("$__rate_interval", "20s").replace("$__range", "10m")
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(720)]
 
 
 def test_every_panel_query_returns_data(live: Live) -> None:
