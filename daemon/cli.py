@@ -9,7 +9,7 @@ milepost inject --rank N --kind K    inject a fault into a rank
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
 milepost schema                      the job file's JSON Schema
 milepost grafana push|render [...]   Grafana dashboards and alert rules (see milepost grafana -h)
-milepost deploy kuberay JOB.toml     KubeRay manifests from a job file (see milepost deploy -h)
+milepost deploy kuberay|cluster JOB.toml   Ray cluster manifests from a job file (see milepost deploy -h)
 
 Commands of other packages are listed in ``COMMANDS`` by module name and imported only
 when named, so that ``milepost run`` loads neither torch nor the dashboard.
@@ -37,7 +37,7 @@ from milepost.engine.contract.routes import STATUS_PATH
 COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("milepost.engine.cli", "run the engine alone (one attempt); see milepost engine -h"),
     "grafana": ("milepost.daemon.grafana_push", "push or render the Grafana dashboards and alert rules"),
-    "deploy": ("milepost.daemon.kuberay", "render KubeRay RayCluster/RayJob manifests from a job file"),
+    "deploy": ("milepost.daemon.kuberay", "render Ray cluster manifests (KubeRay, ray up) from a job file"),
 }
 
 
