@@ -49,6 +49,8 @@ def _panel(p: P, pid: int) -> Any:
     if p.kind == "stat":
         reduce = common.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
         b = stat.Panel().reduce_options(reduce).graph_mode(cm.BigValueGraphMode.AREA).height(4)
+        if p.show_name:
+            b = b.text_mode(cm.BigValueTextMode.NAME)
     elif p.kind == "state":
         b = statetimeline.Panel().legend(legend).show_value(cm.VisibilityMode.AUTO).fill_opacity(70).height(8)
     else:

@@ -32,6 +32,7 @@ class P:
     unit: str = "short"
     width: int = 8
     description: str = ""
+    show_name: bool = False  # a stat that shows the series' legend (e.g. the run state), not its value
 
 
 def _ts(title: str, *queries: Q, unit: str = "short", width: int = 8, description: str = "") -> P:
@@ -71,7 +72,13 @@ SPECS: list[tuple[str, str, str, list[Row]]] = [
                 [
                     _stat("Step", Q(f"max(milepost_global_step{{{RUN}}})")),
                     _stat("Attempt", Q(f"max(milepost_attempt{{{RUN}}})")),
-                    _stat("State", Q(f"milepost_run_state{{{RUN}}} == 1", "{{state}}")),
+                    P(
+                        "stat",
+                        "State",
+                        (Q(f"milepost_run_state{{{RUN}}} == 1", "{{state}}", True),),
+                        width=4,
+                        show_name=True,
+                    ),
                     _stat("Goodput (range)", Q(GOODPUT), unit="percentunit"),
                     _stat(
                         "Since last step",
