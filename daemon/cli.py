@@ -9,6 +9,8 @@ milepost inject --rank N --kind K    inject a fault into a rank
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
 milepost schema                      the job file's JSON Schema
 milepost alerts list|silence|unsilence|test   the run's alerts (see milepost alerts -h)
+milepost grafana push|render [...]   Grafana dashboards and alert rules (see milepost grafana -h)
+milepost deploy kuberay|cluster JOB.toml   Ray cluster manifests from a job file (see milepost deploy -h)
 
 Commands of other packages are listed in ``COMMANDS`` by module name and imported only
 when named, so that ``milepost run`` loads neither torch nor the dashboard.
@@ -35,6 +37,8 @@ from milepost.engine.contract.routes import STATUS_PATH
 # Commands other packages own: name -> (module with main(argv), help line).
 COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("milepost.engine.cli", "run the engine alone (one attempt); see milepost engine -h"),
+    "grafana": ("milepost.daemon.grafana_push", "push or render the Grafana dashboards and alert rules"),
+    "deploy": ("milepost.daemon.kuberay", "render Ray cluster manifests (KubeRay, ray up) from a job file"),
 }
 
 
