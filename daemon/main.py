@@ -99,7 +99,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     sv = ops.supervisor
     telemetry = Telemetry.for_daemon(
         run_info=store.run,
-        steps=lambda: store.steps(limit=10**9),
+        steps=store.step_totals,
         heartbeat_timeouts={
             Role.DRIVER: sv.heartbeat_timeout_driver_s,
             Role.TRAINER: sv.heartbeat_timeout_trainer_s,

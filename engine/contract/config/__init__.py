@@ -15,7 +15,15 @@ from .job import (
     load_job,
     load_ops_view,
 )
-from .ops import DetectionConfig, FaultSpec, RolloutConfig, RunConfig, SupervisorConfig, TrainerConfig
+from .ops import (
+    DetectionConfig,
+    FaultSpec,
+    RetentionConfig,
+    RolloutConfig,
+    RunConfig,
+    SupervisorConfig,
+    TrainerConfig,
+)
 from .training import CheckpointConfig, GRPOConfig, ModelConfig, RayConfig, TaskConfig
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "OpsView",
     "RayConfig",
+    "RetentionConfig",
     "RolloutConfig",
     "RunConfig",
     "SGLangConfig",

@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_
 
 from .backends import MegatronConfig, SGLangConfig
 from .base import ConfigError, FieldError, config_error
-from .ops import DetectionConfig, FaultSpec, RolloutConfig, RunConfig, SupervisorConfig, TrainerConfig
+from .ops import (
+    DetectionConfig,
+    FaultSpec,
+    RetentionConfig,
+    RolloutConfig,
+    RunConfig,
+    SupervisorConfig,
+    TrainerConfig,
+)
 from .training import CheckpointConfig, GRPOConfig, ModelConfig, RayConfig, TaskConfig
 
 SCHEMA_FILE = Path(__file__).with_name("job.schema.json")
@@ -37,6 +45,7 @@ class JobConfig(BaseModel):
     ray: RayConfig = RayConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     detection: DetectionConfig = DetectionConfig()
+    retention: RetentionConfig = RetentionConfig()
     megatron: MegatronConfig = MegatronConfig()
     sglang: SGLangConfig = SGLangConfig()
     faults: list[FaultSpec] = []
@@ -140,6 +149,7 @@ class OpsView(BaseModel):
     rollout: RolloutConfig = RolloutConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     detection: DetectionConfig = DetectionConfig()
+    retention: RetentionConfig = RetentionConfig()
 
 
 def job_from_dict(doc: dict[str, Any], *, source: str = "") -> JobConfig:
