@@ -190,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from .logfile import log_handlers, retention_of
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s daemon: %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(RunDir(run_dir).daemon_log)],
+        handlers=log_handlers(run_dir, retention_of(args.job)),  # daemon.log rotated by size
     )
     return serve(args.job, run_dir, ray_address=args.ray_address, exit_when_done=args.exit_when_done)
 

@@ -132,7 +132,8 @@ def test_corrupt_checkpoint_fault_makes_resume_fall_back(tmp_path: Path) -> None
 
 def test_a_step_record_lost_after_its_checkpoint_is_restored_on_resume(tmp_path: Path) -> None:
     # The driver died between the commit of step 3's checkpoint and step 3's line of steps.jsonl.
-    _run(tmp_path, until=3)
+    first = _run(tmp_path, until=3, retention={"driver_results": 1})
+    assert [s.step for s in first.steps] == [3] and first.steps_run == 3  # the driver's list is bounded
     steps_file = RunDir(tmp_path).steps
     lines = steps_file.read_text().splitlines()
     lost = json.loads(lines[-1])

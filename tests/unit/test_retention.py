@@ -142,3 +142,50 @@ def test_the_retainer_prunes_at_its_interval(tmp_path: Path) -> None:
 def test_bad_bounds_name_the_field() -> None:
     with pytest.raises(ValueError, match=r"retention.steps=0"):
         Keep(events=1, steps=0, attempts=1)
+
+
+def test_daemon_log_rotates_at_its_cap_and_skips_a_stderr_that_is_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+    import sys
+
+    from milepost.daemon.logfile import log_handlers
+
+    cap = 0.01  # MB
+    with (tmp_path / "daemon.out").open("w") as out:
+        monkeypatch.setattr(sys, "stderr", out)  # what --detach does
+        handlers = log_handlers(tmp_path, RetentionConfig(log_max_mb=cap, log_backups=2))
+    assert [type(h).__name__ for h in handlers] == ["RotatingFileHandler"]
+    logger = logging.getLogger("test-daemon-log")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handlers[0])
+    try:
+        for i in range(5000):
+            logger.info("line %05d of a long run", i)
+    finally:
+        logger.removeHandler(handlers[0])
+        handlers[0].close()
+    files = sorted(p.name for p in tmp_path.glob("daemon.log*"))
+    assert files == ["daemon.log", "daemon.log.1", "daemon.log.2"]
+    assert all((tmp_path / f).stat().st_size <= cap * 1024 * 1024 for f in files)
+    assert "line 04999" in (tmp_path / "daemon.log").read_text()
+    assert (tmp_path / "daemon.out").read_text() == ""
+    with pytest.raises(ValueError, match="log_backups"):
+        RetentionConfig(log_backups=0)
+
+
+def test_sglang_server_history_keeps_its_newest_changes() -> None:
+    from milepost.engine.backends.sglang.health import DEAD, HEALTHY, ServerManager
+    from milepost.engine.contract.config import SGLangConfig
+
+    class Sink:
+        def emit(self, *a: Any, **k: Any) -> None:
+            pass
+
+    manager = ServerManager(SGLangConfig(), events=Sink(), push=lambda s: None, history_keep=7)
+    manager.attach(["http://127.0.0.1:9"])  # never contacted: states are set by hand
+    (server,) = manager.servers
+    for i in range(1000):  # a server that flaps for weeks
+        manager._set(server, HEALTHY if i % 2 == 0 else DEAD, f"flap {i}")
+    assert len(server.history) == 7 and server.history[-1].endswith("flap 999")

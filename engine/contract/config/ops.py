@@ -164,6 +164,6 @@ class RetentionConfig(Section):
     diagnoses: Annotated[int, Field(ge=1)] = 50  # newest diagnostics/diagnosis_N directories kept
     flight_recorder_dumps: Annotated[int, Field(ge=1)] = 200  # newest diagnostics/fr_*.json kept
     log_max_mb: Annotated[float, Field(gt=0)] = 50.0  # daemon.log rotates at this size
-    log_backups: Annotated[int, Field(ge=0)] = 3  # rotated daemon.log.N files kept
+    log_backups: Annotated[int, Field(ge=1)] = 3  # rotated daemon.log.N files kept (0 would never truncate)
     driver_results: Annotated[int, Field(ge=1)] = 1000  # step results an attempt's driver keeps in memory
     sglang_history: Annotated[int, Field(ge=1)] = 100  # state changes kept per SGLang server
