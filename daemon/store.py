@@ -342,7 +342,10 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self._exec(f"UPDATE checkpoints SET {cols} WHERE step = ?", (*fields.values(), step))
 
-    def checkpoints(self) -> list[dict[str, Any]]:
+    def checkpoints(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; ``status``: only those (the committed ones are few, all rows grow with the run)."""
+        if status is not None:
+            return self._all("SELECT * FROM checkpoints WHERE status = ? ORDER BY step DESC", (status,))
         return self._all("SELECT * FROM checkpoints ORDER BY step DESC")
 
     # -- ranks ----------------------------------------------------------------

@@ -518,8 +518,8 @@ class Supervisor:
                 committed_at=ev.get("ts"),
                 attempt=attempt,
             )
-            for c in self.store.checkpoints():
-                if c["status"] == "committed" and c["path"] and not Path(c["path"]).exists():
+            for c in self.store.checkpoints(status="committed"):
+                if c["path"] and not Path(c["path"]).exists():
                     self.store.upsert_checkpoint(c["step"], status="pruned", reason="retention (keep_last)")
         elif kind == EventKind.CHECKPOINT_SKIPPED:
             self.store.upsert_checkpoint(ev["step"], status="skipped", reason=ev.get("message", ""))
