@@ -339,6 +339,8 @@ def main() -> None:
                 break
             time.sleep(max(0.0, due - time.monotonic()))
             soak.healthy()
+            if time.monotonic() > deadline - 30:
+                break  # too late for a fault to play out
             if not round_:
                 round_ = list(CATALOGUE)
                 rng.shuffle(round_)
