@@ -109,6 +109,15 @@ class Soak:
 
         return DaemonClient.from_run_dir(self.run_dir)
 
+    def run_state(self) -> str:
+        from milepost.daemon.store import Store
+
+        store = Store(self.run_dir)
+        try:
+            return str((store.run() or {}).get("state", ""))
+        finally:
+            store.close()
+
     def current(self) -> tuple[int, int]:
         """(attempt, step) now."""
         status = self.client().status()
@@ -349,7 +358,9 @@ def main() -> None:
         goodput = soak.client().goodput()["goodput"]
         steps = soak.current()[1]
         soak.client().control("stop")
-        wait_for("the run to stop", lambda: soak.client().status()["state"] in ("STOPPED", "FAILED"), 180)
+        # Read from the store: once the run has stopped, the daemon exits (--exit-when-done).
+        with contextlib.suppress(SystemExit):
+            wait_for("the run to stop", lambda: soak.run_state() in ("STOPPED", "FAILED"), 180)
     finally:
         soak.stop.set()
         for t in threads:
