@@ -81,13 +81,14 @@ class Fault:
     at: float
     attempt: int
     step: int
+    done: float = 0.0  # when the injection itself was over (a daemon-kill: the new daemon is up)
     recovered_at: float | None = None
     diagnosed: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
     def window(self) -> tuple[float, float]:
-        return self.at - 1.0, (self.recovered_at or self.at + RECOVERY_TIMEOUT_S) + 5.0
+        return self.at - 1.0, max(self.done, self.recovered_at or self.at + RECOVERY_TIMEOUT_S) + 5.0
 
 
 class Soak:
@@ -172,6 +173,7 @@ class Soak:
             os.kill(self.daemon_pids[-1], signal.SIGKILL)
             time.sleep(self.rng.uniform(1.0, 3.0))
             self.start_daemon()
+        f.done = time.time()
         log(f"fault {kind} ({role} {rank}) at attempt {attempt} step {step}")
         self.faults.append(f)
         return f
@@ -185,6 +187,7 @@ class Soak:
 
     def await_recovery(self, f: Fault) -> None:
         ends_attempt = f.kind != "daemon-kill"
+        since = f.at if ends_attempt else f.done  # a daemon-kill: a step the new daemon took in
 
         def recovered() -> float | None:
             steps = self.client().steps(since=max(0, f.step - 200))
