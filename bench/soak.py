@@ -194,7 +194,7 @@ class Soak:
             after = [
                 s
                 for s in steps
-                if s["ts"] > f.at
+                if s["ts"] > since
                 and (s.get("attempt", 0) > f.attempt if ends_attempt else s["step"] > f.step)
             ]
             return float(after[0]["ts"]) if after else None
@@ -367,7 +367,8 @@ def main() -> None:
     finally:
         soak.stop.set()
         for t in threads:
-            t.join(timeout=15)
+            if t.is_alive():
+                t.join(timeout=15)
         time.sleep(2.0)  # the daemon's last tick, then its exit (--exit-when-done)
         stop_all(soak.run_dir, soak.daemon_pids)
     from milepost.daemon.store import Store
