@@ -33,27 +33,11 @@ def job_text(overrides: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def daemon(overrides: dict[str, dict[str, Any]], prefix: str, extra: str = "") -> Iterator[tuple[Any, Path]]:
-    """Yields (client, run_dir) of a detached daemon; kills it and its attempts afterwards.
-
-    ``extra``: TOML text appended to the job (tables of tables, like ``[[alerts.routes]]``)."""
-    from milepost.daemon.client import DaemonClient
-    from milepost.daemon.store import Store
+def start_detached(job: Path, run_dir: Path) -> int:
+    """``milepost run --detach`` (a re-attach when a daemon ran on ``run_dir`` before); the daemon's pid."""
     from milepost.engine.cluster import loopback_env
 
-    tmp = Path(tempfile.mkdtemp(prefix=f"milepost-bench-{prefix}-"))
-    (tmp / "job.toml").write_text(job_text(overrides) + extra)
-    run_dir = tmp / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "milepost.daemon.cli",
-        "run",
-        str(tmp / "job.toml"),
-        "--run-dir",
-        str(run_dir),
-    ]
+    cmd = [sys.executable, "-m", "milepost.daemon.cli", "run", str(job), "--run-dir", str(run_dir)]
     subprocess.run(
         [*cmd, "--detach", "--exit-when-done"],
         check=True,
@@ -61,19 +45,41 @@ def daemon(overrides: dict[str, dict[str, Any]], prefix: str, extra: str = "") -
         timeout=120,
         stdout=subprocess.DEVNULL,
     )
-    daemon_pid = json.loads((run_dir / "daemon.json").read_text())["pid"]
+    return int(json.loads((run_dir / "daemon.json").read_text())["pid"])
+
+
+def stop_all(run_dir: Path, daemon_pids: list[int]) -> None:
+    """Kills every attempt and standby the store knows of, and the daemons."""
+    from milepost.daemon.store import Store
+
+    with contextlib.suppress(Exception):
+        store = Store(run_dir)
+        pids = [a["pid"] for a in store.attempts()] + [store.offset("standby_pid")]
+        store.close()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if pid:
+                    os.killpg(pid, signal.SIGKILL)
+    for pid in daemon_pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def daemon(overrides: dict[str, dict[str, Any]], prefix: str, extra: str = "") -> Iterator[tuple[Any, Path]]:
+    """Yields (client, run_dir) of a detached daemon; kills it and its attempts afterwards.
+
+    ``extra``: TOML text appended to the job (tables of tables, like ``[[alerts.routes]]``)."""
+    from milepost.daemon.client import DaemonClient
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"milepost-bench-{prefix}-"))
+    (tmp / "job.toml").write_text(job_text(overrides) + extra)
+    run_dir = tmp / "run"
+    daemon_pid = start_detached(tmp / "job.toml", run_dir)
     try:
         yield DaemonClient.from_run_dir(run_dir), run_dir
     finally:
-        with contextlib.suppress(Exception):
-            store = Store(run_dir)
-            pids = [a["pid"] for a in store.attempts()] + [store.offset("standby_pid")]
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if pid:
-                        os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(daemon_pid, signal.SIGKILL)
+        stop_all(run_dir, [daemon_pid])
 
 
 def wait_for(what: str, pred: Any, timeout: float) -> Any:

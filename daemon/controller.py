@@ -60,7 +60,7 @@ def compute_goodput(
     now = now or time.time()
     start = run.get("created_at") or now
     end = now if run.get("state") not in TERMINAL_RUN_STATES else (run.get("updated_at") or now)
-    ledger = ledger or GoodputLedger.of(store.iter_steps())
+    ledger = ledger or GoodputLedger.from_totals(store.step_totals())
     return ledger.summary(
         created_at=start, end=end, attempts=store.attempts(), lost_s=store.offset("lost_progress_ms") / 1000.0
     )
@@ -95,6 +95,8 @@ class RunController:
         self.controls = []
         self.faults = []
         self.stragglers = StragglerDetector(self.ops.detection)
+        # Older attempts' counters live on in the store (a late report re-reads them): bounded memory.
+        self.report_stats = {k: v for k, v in self.report_stats.items() if k[0] >= self.attempt.number - 1}
 
     def queue_control(self, action: str) -> dict[str, Any]:
         self._control_id += 1
@@ -121,19 +123,29 @@ class RunController:
             return {"action": action, "accepted": True, "state": new_state}
 
     def ingest(self, batch: dict[str, Any]) -> dict[str, Any]:
-        accepted = 0
         driver_seen = False
         current = self.attempt.number
+        seen: dict[tuple[int, str, int], list[int]] = {}  # [max seq, received] once this batch is stored
         latest: dict[tuple[int, str, int], dict[str, Any]] = {}
+        fresh: list[tuple[tuple[int, str, int], dict[str, Any]]] = []
         for rep in batch.get("reports", []):
             key = (int(rep["attempt"]), str(rep["role"]), int(rep["rank"]))
-            stats = self.report_stats.setdefault(key, list(self.store.seen_seq(*key)))
+            stats = seen.get(key) or self.report_stats.get(key) or list(self.store.seen_seq(*key))
             if rep["seq"] <= stats[0]:
                 continue  # a replay of what we already have
-            stats[0] = rep["seq"]
-            stats[1] += 1
-            accepted += 1
+            seen[key] = [rep["seq"], stats[1] + 1]
             latest[key] = rep
+            fresh.append((key, rep))
+        # A replayed backlog is many snapshots of the same ranks: write each rank's newest once.
+        # Counters and reports commit together, and memory moves only after the commit: a failed
+        # write leaves the batch unseen, so the rank's resend is taken instead of dropped as a replay.
+        with self.store.transaction():
+            for key, rep in latest.items():
+                self.store.set_seen_seq(*key, *seen[key])
+                if key[0] == current:
+                    self.store.upsert_rank(key[1], key[2], key[0], rep)
+        self.report_stats.update(seen)
+        for key, rep in fresh:
             self.bus.report(rep)
             if key[0] == current:
                 driver_seen = driver_seen or key[1] == Role.DRIVER
@@ -142,14 +154,8 @@ class RunController:
         for who in batch.get("heartbeats", []):  # refused reports: the rank is alive all the same
             if who["attempt"] == current:
                 self.store.touch_rank(who["role"], who["rank"], who["attempt"])
-        # A replayed backlog is many snapshots of the same ranks: write each rank's newest once.
-        for key, rep in latest.items():
-            stats = self.report_stats[key]
-            self.store.set_seen_seq(*key, stats[0], stats[1])
-            if key[0] == current:
-                self.store.upsert_rank(key[1], key[2], key[0], rep)
         return {
-            "accepted": accepted,
+            "accepted": len(fresh),
             "control": list(self.controls) if driver_seen else [],
             "faults": list(self.faults),
         }

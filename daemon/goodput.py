@@ -32,6 +32,15 @@ class GoodputLedger:
             ledger.add(s)
         return ledger
 
+    @classmethod
+    def from_totals(cls, totals: dict[str, Any]) -> GoodputLedger:
+        """From the store's totals (``Store.step_totals``): no scan of the steps table at start-up."""
+        ledger = cls()
+        ledger.step_s, ledger.stall_s = float(totals["step_s"]), float(totals["stall_s"])
+        for attempt, (first, last) in totals["spans"].items():
+            ledger.first_start[attempt], ledger.last_end[attempt] = first, last
+        return ledger
+
     def add(self, rec: dict[str, Any], replaces: dict[str, Any] | None = None) -> None:
         """One step record; ``replaces``: the stored record of the same step it supersedes."""
         if replaces is not None:

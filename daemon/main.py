@@ -100,7 +100,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     sv = ops.supervisor
     telemetry = Telemetry.for_daemon(
         run_info=store.run,
-        steps=lambda: store.steps(limit=10**9),
+        steps=store.step_totals,
         heartbeat_timeouts={
             Role.DRIVER: sv.heartbeat_timeout_driver_s,
             Role.TRAINER: sv.heartbeat_timeout_trainer_s,
@@ -202,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from .logfile import log_handlers, retention_of
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s daemon: %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(RunDir(run_dir).daemon_log)],
+        handlers=log_handlers(run_dir, retention_of(args.job)),  # daemon.log rotated by size
     )
     return serve(args.job, run_dir, ray_address=args.ray_address, exit_when_done=args.exit_when_done)
 

@@ -264,6 +264,15 @@ class RunMetrics:
             if (ts := _finite(rec.get("ts"))) is not None:
                 self.last_step_ts.set(ts)
 
+    def seed_totals(self, totals: dict[str, Any]) -> None:
+        """``seed`` from the store's totals (``Store.step_totals``): its rows may be pruned, its totals are not."""
+        self.steps.inc(int(totals["steps"]))
+        self._max_step = max(self._max_step, int(totals["max_step"]))
+        self.productive.inc(max(0.0, float(totals["step_s"]) - float(totals["stall_s"])))
+        self.global_step.set(self._max_step)
+        if (ts := _finite(totals.get("last_ts"))) is not None and ts > 0:
+            self.last_step_ts.set(ts)
+
     # -- hooks ------------------------------------------------------------------
     def on_step(self, rec: dict[str, Any]) -> None:
         """A step record (engine StepResult + attempt, ts) tailed from steps.jsonl."""

@@ -3,6 +3,9 @@
 Holds the run, its attempts, events, per-step records, checkpoints, the latest report
 of every rank and the ingest offsets of the files it tails. Metrics, the API and the
 dashboard are derived from it. Safe to use from several threads of one process.
+``transaction()`` groups writes (a tailed batch and its offset commit together or not at
+all); ``prune`` bounds the tables that grow with run length (``daemon.retention``), and the
+totals it keeps apart make counts and goodput survive it.
 
 The schema is versioned by SQLite's ``user_version``: ``MIGRATIONS`` lists the ordered
 steps, and opening a database runs the steps it lacks (each in its own transaction).
@@ -17,11 +20,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from milepost.engine.contract.enums import TERMINAL_RUN_STATES, Role
 from milepost.engine.contract.layout import RunDir
+
+from . import retention
 
 # Version 1: the schema before versions (those databases have user_version 0 and these tables).
 _V1 = (
@@ -68,7 +74,7 @@ _TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_RUN_STATES))  # an ended
 _V2 = ("""CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL)""",)
 
 # Ordered steps: step n takes a database from version n - 1 to n. Append; never edit one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, retention.MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -142,6 +148,21 @@ class Store:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Every write inside commits together, or none does (nested: joins the outer one)."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._db.execute(sql, args)
@@ -211,6 +232,14 @@ class Store:
 
     # -- events ---------------------------------------------------------------
     def add_event(self, ev: dict[str, Any]) -> int:
+        with self.transaction():
+            self._exec(
+                "INSERT INTO event_counts (kind, n) VALUES (?, 1) ON CONFLICT(kind) DO UPDATE SET n = n + 1",
+                (ev["kind"],),
+            )
+            return self._insert_event(ev)
+
+    def _insert_event(self, ev: dict[str, Any]) -> int:
         cur = self._exec(
             "INSERT INTO events (ts, kind, severity, message, attempt, role, rank, step, data)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -250,15 +279,59 @@ class Store:
         return rows
 
     def count_events(self, kind: str) -> int:
-        row = self._one("SELECT COUNT(*) AS n FROM events WHERE kind = ?", (kind,))
+        """Events of ``kind`` ever stored, pruned ones included."""
+        row = self._one("SELECT n FROM event_counts WHERE kind = ?", (kind,))
         return int(row["n"]) if row else 0
 
     # -- steps ----------------------------------------------------------------
-    def add_step(self, record: dict[str, Any]) -> None:
-        self._exec(
-            "INSERT OR REPLACE INTO steps (step, attempt, ts, record) VALUES (?, ?, ?, ?)",
-            (record["step"], record.get("attempt"), record.get("ts", time.time()), json.dumps(record)),
-        )
+    def add_step(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Stores ``record`` (replacing a redone step's) and updates the totals; returns the record it replaced."""
+        ts = float(record.get("ts", time.time()))
+        step_s, stall_s = _seconds(record)
+        begin = ts - step_s
+        with self.transaction():
+            row = self._one("SELECT record FROM steps WHERE step = ?", (record["step"],))
+            prev = json.loads(row["record"]) if row else None
+            db = self._db
+            if prev is None:
+                retention.add_total(db, "steps", 1)
+            else:
+                prev_s, prev_stall = _seconds(prev)
+                step_s, stall_s = step_s - prev_s, stall_s - prev_stall
+            retention.add_total(db, "step_s", step_s)
+            retention.add_total(db, "stall_s", stall_s)
+            top = self._one("SELECT value FROM totals WHERE name = 'max_step'")
+            if top is None or record["step"] >= top["value"]:
+                retention.set_total(db, "max_step", record["step"])
+                retention.set_total(db, "last_ts", ts)
+            self._exec(
+                "INSERT INTO attempt_spans VALUES (?, ?, ?) ON CONFLICT(attempt) DO UPDATE SET"
+                " first_start = MIN(first_start, excluded.first_start), last_end = MAX(last_end, excluded.last_end)",
+                (int(record.get("attempt") or 0), begin, ts),
+            )
+            self._exec(
+                "INSERT OR REPLACE INTO steps (step, attempt, ts, record) VALUES (?, ?, ?, ?)",
+                (record["step"], record.get("attempt"), ts, json.dumps(record)),
+            )
+        return prev
+
+    def step_totals(self) -> dict[str, Any]:
+        """Steps ever recorded and their seconds, the newest step and its time, each attempt's span."""
+        totals = {r["name"]: r["value"] for r in self._all("SELECT name, value FROM totals")}
+        spans = self._all("SELECT attempt, first_start, last_end FROM attempt_spans")
+        return {
+            "steps": int(totals.get("steps", 0)),
+            "step_s": float(totals.get("step_s", 0.0)),
+            "stall_s": float(totals.get("stall_s", 0.0)),
+            "max_step": int(totals.get("max_step", 0)),
+            "last_ts": float(totals.get("last_ts", 0.0)),
+            "spans": {int(r["attempt"]): (float(r["first_start"]), float(r["last_end"])) for r in spans},
+        }
+
+    def prune(self, keep: retention.Keep) -> dict[str, int]:
+        """Applies the retention bounds (``daemon.retention``); returns the rows deleted per table."""
+        with self.transaction():
+            return retention.prune(self._db, keep)
 
     def steps(self, *, since: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
         rows = self._all("SELECT record FROM steps WHERE step > ? ORDER BY step LIMIT ?", (since, limit))
@@ -286,7 +359,10 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self._exec(f"UPDATE checkpoints SET {cols} WHERE step = ?", (*fields.values(), step))
 
-    def checkpoints(self) -> list[dict[str, Any]]:
+    def checkpoints(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; ``status``: only those (the committed ones are few, all rows grow with the run)."""
+        if status is not None:
+            return self._all("SELECT * FROM checkpoints WHERE status = ? ORDER BY step DESC", (status,))
         return self._all("SELECT * FROM checkpoints ORDER BY step DESC")
 
     # -- ranks ----------------------------------------------------------------
@@ -326,10 +402,20 @@ class Store:
         )
 
     def report_gaps(self) -> list[dict[str, Any]]:
-        """Per rank and attempt: reports sent (highest seq) versus received; a gap is a lost report."""
-        return self._all(
+        """Per rank and attempt: reports sent (highest seq) versus received; a gap is a lost report.
+
+        Attempts pruned by retention are one row, attempt -1 (role "pruned"), holding their lost total.
+        """
+        rows = self._all(
             "SELECT attempt, role, rank, seq, received, seq - received AS lost FROM reports_seen"
         )
+        pruned = self._one("SELECT value FROM totals WHERE name = 'reports_lost_pruned'")
+        if pruned is not None and pruned["value"] > 0:
+            lost = int(pruned["value"])
+            rows.append(
+                {"attempt": -1, "role": "pruned", "rank": -1, "seq": lost, "received": 0, "lost": lost}
+            )
+        return rows
 
     # -- diagnoses ------------------------------------------------------------
     def add_diagnosis(self, d: dict[str, Any]) -> int:
@@ -387,3 +473,8 @@ class Store:
 
     def set_offset(self, name: str, value: int) -> None:
         self._exec("INSERT OR REPLACE INTO offsets (name, value) VALUES (?, ?)", (name, value))
+
+
+def _seconds(record: dict[str, Any]) -> tuple[float, float]:
+    """(step seconds, checkpoint-stall seconds) of a step record."""
+    return float(record.get("step_s", 0.0)), float((record.get("phases") or {}).get("checkpoint", 0.0))

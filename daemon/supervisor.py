@@ -46,6 +46,7 @@ from .goodput import GoodputLedger
 from .launcher import Launcher, WarmStandby
 from .metrics import RunMetrics
 from .restart_policy import GONE, Outcome, PolicyState, decide
+from .retention import Retainer
 from .store import Store
 from .tailer import Tailer
 
@@ -85,8 +86,9 @@ class Supervisor:
         self.next_launch_at: float | None = None
         self.hang = HangDetector(ops.detection)
         self._reported_hangs: set[tuple[int, str, int]] = set()
-        self.ledger = GoodputLedger.of(store.iter_steps())
+        self.ledger = GoodputLedger.from_totals(store.step_totals())
         self.tailer = Tailer(run_dir, store)
+        self.retainer = Retainer(store, run_dir, ops.retention, clock=time.time)
         # Built by this thread: attempts get its priority, whatever the niceness of the ticking one.
         self.launcher = Launcher(
             job=job,
@@ -334,6 +336,7 @@ class Supervisor:
     # -- ticks ----------------------------------------------------------------
     def tick(self) -> None:
         self._tail()
+        self.retainer.maybe_prune()
         a = self.attempt
         run = self.store.run() or {}
         if run.get("state") in TERMINAL_RUN_STATES:
@@ -440,21 +443,42 @@ class Supervisor:
             self.metrics.set_straggler_score(rank, score)
 
     # -- tailing the attempt's files ------------------------------------------
-    def _tail(self) -> None:
-        for ev in self.tailer.read_new(EVENTS_FILE):
-            self.store.add_event(ev)
-            self._react(ev)
-            self.bus.event(ev)
-        for rec in self.tailer.read_new(STEPS_FILE):
-            self._add_step(rec)
+    def _tail(self, max_batches: int = 64) -> None:
+        """Each batch of lines goes into the store with its file offset in one transaction; only
+        after the commit do the attempt's outcome, the ledger and the bus see it, so a crash or an
+        SQLite error replays the batch instead of losing or doubling it."""
+        for name in (EVENTS_FILE, STEPS_FILE):
+            for _ in range(max_batches):
+                batch = self.tailer.read(name)
+                if batch is None:
+                    break
+                with self.store.transaction():
+                    if name == EVENTS_FILE:
+                        for ev in batch.records:
+                            self.store.add_event(ev)
+                            self._record(ev)
+                    else:
+                        replaced = [self._store_step(rec) for rec in batch.records]
+                    self.tailer.commit(batch)
+                for i, rec in enumerate(batch.records):
+                    if name == EVENTS_FILE:
+                        self._react(rec)
+                        self.bus.event(rec)
+                    else:
+                        self._step_done(rec, replaced[i])
+                if not batch.more:
+                    break
 
-    def _add_step(self, rec: dict[str, Any]) -> None:
-        prev = [s for s in self.store.steps(since=rec["step"] - 1, limit=1) if s["step"] == rec["step"]]
-        if prev and prev[0].get("attempt") != rec.get("attempt"):
-            lost = self.store.offset("lost_progress_ms") + int(1000 * prev[0].get("step_s", 0.0))
+    def _store_step(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """Stores a step record (inside the batch's transaction); returns the record of a redone step."""
+        prev = self.store.add_step(rec)
+        if prev is not None and prev.get("attempt") != rec.get("attempt"):
+            lost = self.store.offset("lost_progress_ms") + int(1000 * prev.get("step_s", 0.0))
             self.store.set_offset("lost_progress_ms", lost)
-        self.store.add_step(rec)
-        self.ledger.add(rec, replaces=prev[0] if prev else None)
+        return prev
+
+    def _step_done(self, rec: dict[str, Any], prev: dict[str, Any] | None) -> None:
+        self.ledger.add(rec, replaces=prev)
         if rec["step"] % 10 == 0 or rec["step"] == self.ops.run.steps:
             log.info(
                 "step %d/%d  reward %.3f  loss %+.4f  step %.2fs  (attempt %s)",
@@ -471,10 +495,9 @@ class Supervisor:
             a.last_step_ts = max(a.last_step_ts, float(rec.get("ts", time.time())))
             self.policy = replace(self.policy, no_progress=0)
 
-    def _react(self, ev: dict[str, Any]) -> None:
-        """What a rank's event changes: the store's checkpoints and attempts, and the attempt's outcome."""
+    def _record(self, ev: dict[str, Any]) -> None:
+        """What a rank's event changes in the store (inside the batch's transaction)."""
         kind, data, attempt = ev.get("kind"), ev.get("data") or {}, ev.get("attempt")
-        current = self.attempt.number
         if kind == EventKind.CHECKPOINT_COMMITTED:
             self.store.upsert_checkpoint(
                 ev["step"],
@@ -486,8 +509,8 @@ class Supervisor:
                 committed_at=ev.get("ts"),
                 attempt=attempt,
             )
-            for c in self.store.checkpoints():
-                if c["status"] == "committed" and c["path"] and not Path(c["path"]).exists():
+            for c in self.store.checkpoints(status="committed"):
+                if c["path"] and not Path(c["path"]).exists():
                     self.store.upsert_checkpoint(c["step"], status="pruned", reason="retention (keep_last)")
         elif kind == EventKind.CHECKPOINT_SKIPPED:
             self.store.upsert_checkpoint(ev["step"], status="skipped", reason=ev.get("message", ""))
@@ -495,12 +518,19 @@ class Supervisor:
             self.store.update_attempt(attempt, world_size=data.get("world_size"))
         elif kind == EventKind.RESUME_VERIFIED and attempt is not None:
             self.store.update_attempt(attempt, verified=1, resumed_from=ev.get("step"))
-        elif kind == EventKind.RESUME_VERIFICATION_FAILED and attempt == current:
+        elif kind == EventKind.RESUME_VERIFICATION_FAILED and attempt == self.attempt.number:
             self.store.update_attempt(attempt, verified=0, resumed_from=ev.get("step"))
-            self.attempt.outcome["resume_mismatch"] = ev
-        elif kind == EventKind.ATTEMPT_FINISHED and attempt == current:
-            self.attempt.outcome["finished"] = ev
-        elif kind == EventKind.ATTEMPT_FAILED and attempt == current:
-            self.attempt.outcome["failed"] = ev
         elif kind == EventKind.RUN_PAUSED:
             self.store.set_run_state(RunState.PAUSED, only_from=(RunState.PAUSED, *_LIVE))
+
+    def _react(self, ev: dict[str, Any]) -> None:
+        """What a rank's event, once stored, changes in the attempt's outcome."""
+        kind, attempt = ev.get("kind"), ev.get("attempt")
+        if attempt != self.attempt.number:
+            return
+        if kind == EventKind.RESUME_VERIFICATION_FAILED:
+            self.attempt.outcome["resume_mismatch"] = ev
+        elif kind == EventKind.ATTEMPT_FINISHED:
+            self.attempt.outcome["finished"] = ev
+        elif kind == EventKind.ATTEMPT_FAILED:
+            self.attempt.outcome["failed"] = ev

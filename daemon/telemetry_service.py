@@ -42,15 +42,15 @@ class Telemetry:
         cls,
         *,
         run_info: Callable[[], dict[str, Any] | None],
-        steps: Callable[[], list[dict[str, Any]]],
+        steps: Callable[[], dict[str, Any]],
         heartbeat_timeouts: dict[str, float],
         env: Mapping[str, str] | None = None,
     ) -> Telemetry:
-        """The daemon's telemetry; ``steps`` seeds the totals with what the store already holds."""
+        """The daemon's telemetry; ``steps`` gives the store's step totals (``Store.step_totals``) to seed from."""
         env = os.environ if env is None else env
         gpu = None if env.get(GPU_COLLECTOR_ENV, "1") == "0" else GpuCollector().start()
         metrics = RunMetrics(run_info=run_info, heartbeat_timeouts=heartbeat_timeouts, gpu=GpuMetrics(gpu))
-        metrics.seed(steps())
+        metrics.seed_totals(steps())
         traces = TraceReceiver(env=env)
         metrics.add_collector(traces)
         bus = EventBus()

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,7 @@ from .control import ControlInbox
 from .grpo import group_advantages
 from .rollout import WeightSyncError
 from .runtime import RankRuntime
-from .step_result import RunResult, StepResult
+from .step_result import STEP_RECORD_KEY, RunResult, StepResult, restore_step_record
 from .step_tracing import remote_kwargs
 from .task import Task
 from .trainer import ResumeError
@@ -265,27 +266,29 @@ class Engine:
                 stats = self._all_trainers("train_step", step, batch)[0]
             with timed("weight_sync"):
                 self._sync_weights(step)
+            res = StepResult.model_construct(
+                step=step,
+                reward_mean=rewards.mean().item(),
+                reward_std=rewards.std().item(),
+                loss=stats["loss"],
+                grad_norm=stats["grad_norm"],
+                kl=stats["kl"],
+                clip_frac=stats["clip_frac"],
+                lr=stats["lr"],
+                weight_version=self.weight_version,
+                rollout_tokens=rollout_tokens,
+                train_tokens=stats["train_tokens"],
+                step_s=time.perf_counter() - t0,
+                phases=dict(phases),
+                rollout_samples=int(responses.shape[0]),
+                prompt_tokens=int(prompts.numel()),
+                trace_id=tracing.trace_id_of(span),
+            )
             if self._should_checkpoint(step):
                 with timed("checkpoint"):
-                    self._checkpoint(step)
-        res = StepResult.model_construct(
-            step=step,
-            reward_mean=rewards.mean().item(),
-            reward_std=rewards.std().item(),
-            loss=stats["loss"],
-            grad_norm=stats["grad_norm"],
-            kl=stats["kl"],
-            clip_frac=stats["clip_frac"],
-            lr=stats["lr"],
-            weight_version=self.weight_version,
-            rollout_tokens=rollout_tokens,
-            train_tokens=stats["train_tokens"],
-            step_s=time.perf_counter() - t0,
-            phases=phases,
-            rollout_samples=int(responses.shape[0]),
-            prompt_tokens=int(prompts.numel()),
-            trace_id=tracing.trace_id_of(span),
-        )
+                    # The manifest keeps this step's record: the commit may land before steps.jsonl's line.
+                    self._checkpoint(step, record=res.record(self.attempt))
+                res = res.model_copy(update={"step_s": time.perf_counter() - t0, "phases": phases})
         self.rt.publish(
             timings={"step": res.step_s, **phases},
             metrics={"reward_mean": res.reward_mean, "loss": res.loss, "grad_norm": res.grad_norm},
@@ -305,9 +308,9 @@ class Engine:
         interval = self.cfg.checkpoint.interval
         return step == self.until_step or (interval > 0 and step % interval == 0)
 
-    def _checkpoint(self, step: int) -> None:
+    def _checkpoint(self, step: int, record: dict[str, Any] | None = None) -> None:
         self.last_saved = step
-        meta = {
+        meta: dict[str, Any] = {
             "weight_version": self.weight_version,
             "data_position": {
                 "next_step": step + 1,
@@ -316,6 +319,8 @@ class Engine:
             "rng": {"seed": self.cfg.run.seed, "scheme": "derived from (seed, step, role, rank)"},
             "job": self.cfg.source,
         }
+        if record is not None:
+            meta[STEP_RECORD_KEY] = record
         self._all_trainers("save_checkpoint", step, meta)
 
     # -- control from the daemon -------------------------------------------------
@@ -393,9 +398,14 @@ class Engine:
             ):
                 start, ckpt, loaded = self._resume()
                 self._sync_weights(start)
+            if ckpt is not None and restore_step_record(RunDir(self.run_dir).steps, ckpt.manifest):
+                log.warning(
+                    "step %d: its record was lost after its checkpoint; restored from the manifest", start
+                )
             self.last_saved = start
             self.inst.state.step = start
-            results: list[StepResult] = []
+            # Bounded: an attempt of a million steps keeps its newest results, and counts the rest.
+            results: deque[StepResult] = deque(maxlen=self.cfg.retention.driver_results)
             final_step = start
             with RunDir(self.run_dir).steps.open("a") as steps_log:
                 for step in range(start + 1, self.until_step + 1):
@@ -426,7 +436,8 @@ class Engine:
                 resumed_from=ckpt.step if ckpt else None,
                 loaded_checksum=loaded,
                 final_checksum=final,
-                steps=results,
+                steps=list(results),
+                steps_run=final_step - start,
             )
         except BaseException as e:
             # Say why first, as soon as no actor can still write (a save in flight has landed):

@@ -128,3 +128,25 @@ def test_corrupt_checkpoint_fault_makes_resume_fall_back(tmp_path: Path) -> None
     res = _run(tmp_path, until=6)
     skipped = [e for e in read_events(tmp_path) if e.kind == "checkpoint_skipped"]
     assert skipped and res.resumed_from is not None and res.resumed_from < skipped[0].step
+
+
+def test_a_step_record_lost_after_its_checkpoint_is_restored_on_resume(tmp_path: Path) -> None:
+    # The driver died between the commit of step 3's checkpoint and step 3's line of steps.jsonl.
+    first = _run(tmp_path, until=3, retention={"driver_results": 1})
+    assert [s.step for s in first.steps] == [3] and first.steps_run == 3  # the driver's list is bounded
+    steps_file = RunDir(tmp_path).steps
+    lines = steps_file.read_text().splitlines()
+    lost = json.loads(lines[-1])
+    assert lost["step"] == 3
+    steps_file.write_text("\n".join(lines[:-1]) + "\n")
+    resumed = _run(tmp_path, until=4)
+    assert resumed.resumed_from == 3
+    records = [json.loads(line) for line in steps_file.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    restored = records[2]
+    assert restored["attempt"] == lost["attempt"] and restored["reward_mean"] == lost["reward_mean"]
+    assert restored["loss"] == lost["loss"] and restored["trace_id"] == lost["trace_id"]
+    StepRecord.model_validate(restored)
+    # Nothing is restored twice: the file now holds step 4, past the checkpoint.
+    assert _run(tmp_path, until=4).resumed_from == 4
+    assert [json.loads(line)["step"] for line in steps_file.read_text().splitlines()] == [1, 2, 3, 4]

@@ -378,7 +378,10 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Telemetry]]:
     store = Store(tmp_path)
     store.ensure_run(run_id="run-1", name="t", job="j.toml", run_dir=str(tmp_path), target_steps=5)
     tel = Telemetry.for_daemon(
-        run_info=store.run, steps=store.steps, heartbeat_timeouts={}, env={"MILEPOST_GPU_COLLECTOR": "0"}
+        run_info=store.run,
+        steps=store.step_totals,
+        heartbeat_timeouts={},
+        env={"MILEPOST_GPU_COLLECTOR": "0"},
     )
     tel.metrics.on_step(step(1))
     app = create_app(store, FakeController(store), token="tok", require_token_for_reads=True, telemetry=tel)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,6 +17,7 @@ from .client import SGLangClient
 from .servers import Launcher, ServerProcess, ServerSpec
 
 STARTING, HEALTHY, UNHEALTHY, DEAD = "starting", "healthy", "unhealthy", "dead"
+HISTORY_KEEP = 100  # state changes kept per server (``[retention] sglang_history``)
 
 
 @dataclass
@@ -29,7 +31,8 @@ class Server:
     version: int = -1  # weight version this server holds; -1: unknown / none pushed
     restarts: int = 0
     ever_healthy: bool = False
-    history: list[str] = field(default_factory=list)
+    # Bounded: a server that flaps for weeks keeps its newest state changes.
+    history: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY_KEEP))
 
     @property
     def url(self) -> str:
@@ -55,8 +58,10 @@ class ServerManager:
         launcher: Launcher | None = None,
         model_path: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        history_keep: int = HISTORY_KEEP,
     ) -> None:
         self.cfg, self.events, self.push, self.clock = cfg, events, push, clock
+        self.history_keep = history_keep
         self.launcher = launcher
         self.model_path = model_path  # the newest weights on disk, for (re)launches
         self.servers: list[Server] = []
@@ -65,17 +70,24 @@ class ServerManager:
     def attach(self, urls: list[str]) -> None:
         for url in urls:
             client = SGLangClient(url, timeout_s=self.cfg.request_timeout_s)
-            self.servers.append(Server(spec=None, client=client, started_at=self.clock()))
+            self.servers.append(
+                Server(spec=None, client=client, started_at=self.clock(), history=self._history())
+            )
 
     def launch(self, specs: list[ServerSpec]) -> None:
         assert self.launcher is not None
         for spec in specs:
             proc = self.launcher(spec)
             client = SGLangClient(proc.url, timeout_s=self.cfg.request_timeout_s)
-            self.servers.append(Server(spec=spec, client=client, proc=proc, started_at=self.clock()))
+            self.servers.append(
+                Server(spec=spec, client=client, proc=proc, started_at=self.clock(), history=self._history())
+            )
             self.events.emit(
                 EventKind.SGLANG_SERVER_LAUNCHED, f"SGLang server {proc.url} launched", url=proc.url
             )
+
+    def _history(self) -> deque[str]:
+        return deque(maxlen=self.history_keep)
 
     def _set(self, s: Server, state: str, why: str) -> None:
         if s.state != state:

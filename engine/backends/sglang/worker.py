@@ -63,6 +63,7 @@ class SGLangRolloutWorker(WeightPush, RolloutWorkerBase):
             launcher=(launcher or default_launcher(s, self.run_dir / "logs")) if self.launch_mode else None,
             model_path=lambda: str(self._write_weights()) if self.state is not None else None,
             clock=clock,
+            history_keep=cfg.retention.sglang_history,
         )
         if s.urls:
             self.manager.attach(s.urls[index::workers])

@@ -23,7 +23,15 @@ from .job import (
     load_job,
     load_ops_view,
 )
-from .ops import DetectionConfig, FaultSpec, RolloutConfig, RunConfig, SupervisorConfig, TrainerConfig
+from .ops import (
+    DetectionConfig,
+    FaultSpec,
+    RetentionConfig,
+    RolloutConfig,
+    RunConfig,
+    SupervisorConfig,
+    TrainerConfig,
+)
 from .training import CheckpointConfig, GRPOConfig, ModelConfig, RayConfig, TaskConfig
 
 __all__ = [
@@ -41,6 +49,7 @@ __all__ = [
     "OpsView",
     "RayConfig",
     "ReceiverConfig",
+    "RetentionConfig",
     "RolloutConfig",
     "RouteConfig",
     "RulesConfig",

@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_
 from .alerts import AlertsConfig
 from .backends import MegatronConfig, SGLangConfig
 from .base import ConfigError, FieldError, config_error
-from .ops import DetectionConfig, FaultSpec, RolloutConfig, RunConfig, SupervisorConfig, TrainerConfig
+from .ops import (
+    DetectionConfig,
+    FaultSpec,
+    RetentionConfig,
+    RolloutConfig,
+    RunConfig,
+    SupervisorConfig,
+    TrainerConfig,
+)
 from .training import CheckpointConfig, GRPOConfig, ModelConfig, RayConfig, TaskConfig
 
 SCHEMA_FILE = Path(__file__).with_name("job.schema.json")
@@ -38,6 +46,7 @@ class JobConfig(BaseModel):
     ray: RayConfig = RayConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     detection: DetectionConfig = DetectionConfig()
+    retention: RetentionConfig = RetentionConfig()
     megatron: MegatronConfig = MegatronConfig()
     sglang: SGLangConfig = SGLangConfig()
     alerts: AlertsConfig = AlertsConfig()
@@ -149,6 +158,7 @@ class OpsView(BaseModel):
     rollout: RolloutConfig = RolloutConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     detection: DetectionConfig = DetectionConfig()
+    retention: RetentionConfig = RetentionConfig()
     alerts: AlertsConfig = AlertsConfig()
 
 

@@ -148,3 +148,25 @@ class FaultSpec(Section):
     factor: Annotated[float, Field(ge=1)] = 1.5  # for kind "slow"
     # for kind "slow": how many steps it lasts (0: for the rest of the attempt)
     duration_steps: Annotated[int, Field(ge=0)] = 0
+
+
+class RetentionConfig(Section):
+    """What a run of weeks keeps (the ``[retention]`` section): rows, evidence files, logs, histories.
+
+    Counts and goodput stay right past every bound: the store keeps totals of what it drops.
+    """
+
+    section = "retention"
+
+    events: Annotated[int, Field(ge=100)] = 200_000  # newest event rows kept (plus milestones, below)
+    # newest step rows kept (plus each attempt's first and last); more than a checkpoint interval
+    steps: Annotated[int, Field(ge=100)] = 100_000
+    # attempts whose milestone events (launched, ended, resumed, hang...) and report counters are kept
+    attempts: Annotated[int, Field(ge=1)] = 100
+    prune_interval_s: Annotated[float, Field(gt=0)] = 60.0  # how often the daemon applies the bounds
+    diagnoses: Annotated[int, Field(ge=1)] = 50  # newest diagnostics/diagnosis_N directories kept
+    flight_recorder_dumps: Annotated[int, Field(ge=1)] = 200  # newest diagnostics/fr_*.json kept
+    log_max_mb: Annotated[float, Field(gt=0)] = 50.0  # daemon.log rotates at this size
+    log_backups: Annotated[int, Field(ge=1)] = 3  # rotated daemon.log.N files kept (0 would never truncate)
+    driver_results: Annotated[int, Field(ge=1)] = 1000  # step results an attempt's driver keeps in memory
+    sglang_history: Annotated[int, Field(ge=1)] = 100  # state changes kept per SGLang server
