@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --upgrade pip setuptools wheel
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[dev]'
+	# grafana-client's niquests brings urllib3-future, whose .pth copies itself over urllib3 at
+	# every start (requests-based tools such as schemathesis then break); niquests is as happy
+	# with urllib3-future under its own name, so keep the real urllib3.
+	rm -f $(VENV)/lib/python*/site-packages/urllib3_future.pth
+	$(PIP) -q --force-reinstall --no-deps "urllib3>=2,<3"
 	touch $@
 
 RUN_DIR ?= runs/tiny-grpo-cpu-$(shell date +%Y%m%d-%H%M%S)
