@@ -1,21 +1,19 @@
 """Evidence of a diagnosed hang, saved in ``<run_dir>/diagnostics/diagnosis_N/``.
 
-Stacks of every rank of the attempt (``py-spy dump``, one thread per rank, all at once so
-the stacks are of the same moment), and the list of the flight-recorder dumps the ranks
+Stacks of every rank of the attempt (``py-spy dump``, non-blocking for a stopped rank; one
+thread per rank, all at once so the stacks are of the same moment), and the list of the flight-recorder dumps the ranks
 wrote for that attempt (``diagnostics/fr_attempt<N>_*.json``).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from milepost.engine.contract.layout import RunDir, stack_file_name
+from milepost.engine.contract.stacks import PY_SPY_TIMEOUT_S, dump_stacks
 
-PY_SPY_TIMEOUT_S = 10.0
 JOIN_TIMEOUT_S = 15.0
 
 
@@ -43,17 +41,5 @@ def collect(
 
 
 def py_spy(pid: int, dest: Path) -> None:
-    """Writes ``py-spy dump`` of ``pid`` (or why it failed) to ``dest``."""
-    exe = Path(sys.executable).with_name("py-spy")
-    cmd = [str(exe) if exe.exists() else "py-spy", "dump", "--pid", str(pid)]
-    text = ""
-    for _ in range(2):  # py-spy sometimes misses the interpreter on its first look
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=PY_SPY_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            text = f"py-spy failed: {e!r}"
-            continue
-        text = res.stdout or res.stderr
-        if res.returncode == 0:
-            break
-    dest.write_text(text)
+    """Writes the stacks of ``pid`` (or why none could be read) to ``dest``."""
+    dest.write_text(dump_stacks(pid, timeout_s=PY_SPY_TIMEOUT_S))
