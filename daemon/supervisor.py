@@ -117,20 +117,19 @@ class Supervisor:
             target_steps=self.ops.run.steps,
         )
         self._tail()
-        self.standby.end_orphan()
         last = self.store.last_attempt()
+        record = self._running_record(last) if run["state"] not in TERMINAL_RUN_STATES else None
+        ended = self.launcher.end_orphans(keep=last["number"] if record is not None and last else None)
+        if ended:
+            log.warning("ended processes of this run dir that no attempt of the store runs: %s", ended)
         if run["state"] in TERMINAL_RUN_STATES:
             self.event(EventKind.DAEMON_STARTED, f"run already {run['state']}: {run['reason']}")
             self.done.set()
             return
-        if (
-            last
-            and last["state"] == AttemptState.RUNNING
-            and last["pid"]
-            and procs.runs(last["pid"], "milepost")
-        ):
+        if last and record is not None:
             a = self.attempt
             a.number, a.pid, a.started = last["number"], last["pid"], last["started_at"]
+            a.record = record
             a.start_step = last["start_step"] or 0
             a.last_step_ts = time.time()
             if run["state"] == RunState.PAUSED:
@@ -153,6 +152,21 @@ class Supervisor:
             self.attempt.number = last["number"]
         self.event(EventKind.DAEMON_STARTED, f"supervising {self.job}")
         self._launch()
+
+    def _running_record(self, last: dict[str, Any] | None) -> procs.ProcessRecord | None:
+        """The process record of the store's running attempt while that very process lives, else None.
+
+        An attempt recorded before process records were kept is matched by its engine command
+        line (this run dir, this attempt), never by its pid alone."""
+        if not last or last["state"] != AttemptState.RUNNING or not last["pid"]:
+            return None
+        n, pid = last["number"], last["pid"]
+        rec = self.launcher.record(n)
+        if rec is not None:
+            return rec if rec.names(pid, run_dir=self.run_dir, attempt=n) else None
+        if pid in procs.engine_processes(self.run_dir, n):
+            return procs.ProcessRecord("attempt", str(self.run_dir.resolve()), n).with_process(pid)
+        return None
 
     def loop(self, tick_s: float = 0.5) -> None:
         while not self._stop.is_set() and not self.done.is_set():
@@ -202,6 +216,7 @@ class Supervisor:
                 self.standby.drop()
                 proc = self.launcher.spawn(n)
             a.number, a.pid, a.proc = n, proc.pid, proc
+            a.record = self.launcher.record(n)
             self.controller.new_attempt()
             a.started = time.time()
             a.outcome = {}
@@ -237,8 +252,13 @@ class Supervisor:
                 f"ending attempt {self.attempt.number} (pid {pid}): {reason}",
                 Severity.WARNING,
             )
-        procs.kill_group(pid, or_process=True)
-        if self.attempt.proc is not None:
+        if self.attempt.proc is not None:  # our child, not yet reaped: its pid is not reused
+            killed = procs.kill_group(pid, or_process=True)
+        else:  # re-attached: only the very process that was recorded
+            killed = procs.kill_recorded(self.attempt.record, or_process=True)
+        if not killed:
+            log.warning("attempt %d (pid %d) was not signalled; going on", self.attempt.number, pid)
+        elif self.attempt.proc is not None:
             try:
                 self.attempt.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -248,7 +268,8 @@ class Supervisor:
         """Exit code of our child, GONE for a re-attached attempt that ended, None while alive."""
         if self.attempt.proc is not None:
             return self.attempt.proc.poll()
-        if self.attempt.pid is not None and not procs.alive(self.attempt.pid):
+        rec = self.attempt.record
+        if self.attempt.pid is not None and (rec is None or not rec.is_running()):
             return GONE
         return None
 
@@ -257,7 +278,7 @@ class Supervisor:
         n, said = a.number, a.outcome
         last = self.store.last_step()
         step = last["step"] if last else 0
-        a.pid, a.proc = None, None
+        a.pid, a.proc, a.record = None, None, None
         outcome = Outcome(
             attempt=n,
             code=code,

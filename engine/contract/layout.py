@@ -4,10 +4,13 @@
       events.jsonl            events of every process (engine.events: one O_APPEND write per line)
       steps.jsonl             one StepRecord per line, written by the engine driver
       daemon.json             the live daemon's url, port, pid (tools find the API through it)
+      daemon.lock             held (flock) by the one daemon of this run dir for its lifetime
       token                   the API's bearer token (0600), unless $MILEPOST_TOKEN is set
       milepost.db             the daemon's SQLite store (WAL)
       daemon.log, daemon.out  the daemon's log; its stdout/stderr when detached
       attempts/attempt_N.log  attempt N's stdout/stderr
+      attempts/attempt_N.proc.json  attempt N's process record (identity.ProcessRecord), written
+                              before its spawn (intent) and completed with its pid and start time
       attempts/standby_N/     a warm standby for attempt N: it writes ``ready``, waits for ``go``
       diagnostics/            flight-recorder dumps fr_attempt{N}_{role}{rank}_{group}_{seq}.json
       diagnostics/diagnosis_N/  evidence of diagnosis N: stack_{role}{rank}.txt per rank
@@ -27,6 +30,7 @@ STEPS_FILE = "steps.jsonl"
 DAEMON_FILE = "daemon.json"
 TOKEN_FILE = "token"
 DB_FILE = "milepost.db"
+DAEMON_LOCK = "daemon.lock"
 DAEMON_LOG = "daemon.log"
 DAEMON_OUT = "daemon.out"
 ATTEMPTS_DIR = "attempts"
@@ -38,6 +42,10 @@ STANDBY_GO = "go"
 
 def attempt_log_name(attempt: int) -> str:
     return f"attempt_{attempt}.log"
+
+
+def attempt_record_name(attempt: int) -> str:
+    return f"attempt_{attempt}.proc.json"
 
 
 def standby_dir_name(attempt: int) -> str:
@@ -99,6 +107,7 @@ class RunDir:
     daemon_file = _Under(DAEMON_FILE)
     token = _Under(TOKEN_FILE)
     db = _Under(DB_FILE)
+    daemon_lock = _Under(DAEMON_LOCK)
     daemon_log = _Under(DAEMON_LOG)
     daemon_out = _Under(DAEMON_OUT)
     attempts = _Under(ATTEMPTS_DIR)
@@ -107,6 +116,18 @@ class RunDir:
 
     def attempt_log(self, attempt: int) -> Path:
         return self.attempts / attempt_log_name(attempt)
+
+    def attempt_record(self, attempt: int) -> Path:
+        return self.attempts / attempt_record_name(attempt)
+
+    def attempt_records(self) -> dict[int, Path]:
+        """Every attempt's process record, by attempt number."""
+        found = {}
+        for p in self.attempts.glob(attempt_record_name(0).replace("0", "*", 1)):
+            num = p.name.split("_", 1)[1].split(".", 1)[0]
+            if num.isdigit():
+                found[int(num)] = p
+        return found
 
     def standby(self, attempt: int) -> StandbyDir:
         return StandbyDir(self.attempts / standby_dir_name(attempt))
