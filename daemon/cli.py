@@ -29,6 +29,7 @@ from milepost.engine.contract.cli import add_job_arguments, command_parser, run_
 from milepost.engine.contract.config import ConfigError, load_ops_view
 from milepost.engine.contract.enums import Role
 from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.process import DAEMON_LOCKED_EXIT
 from milepost.engine.contract.routes import STATUS_PATH
 
 # Commands other packages own: name -> (module with main(argv), help line).
@@ -59,8 +60,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args.job, args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if (other := daemon_running(run_dir)) is not None:
-        print(f"milepost: a daemon already supervises {run_dir}: pid {other['pid']}, {other['url']}")
-        return 1
+        print(
+            f"milepost: a daemon already supervises {run_dir}: pid {other.get('pid')}, {other.get('url')}",
+            file=sys.stderr,
+        )
+        return DAEMON_LOCKED_EXIT
     cmd = [sys.executable, "-m", "milepost.daemon.main", args.job, "--run-dir", str(run_dir)]
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
@@ -88,6 +92,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             pass
         if proc.poll() is not None:
+            if proc.returncode == DAEMON_LOCKED_EXIT and (other := daemon_running(run_dir)) is not None:
+                print(
+                    f"milepost: a daemon already supervises {run_dir}: pid {other.get('pid')}, "
+                    f"{other.get('url')}",
+                    file=sys.stderr,
+                )
+                return DAEMON_LOCKED_EXIT
             print(f"milepost: the daemon exited with code {proc.returncode}; see {rd.daemon_out}")
             return 1
         time.sleep(0.2)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from milepost.engine.contract.enums import Role
 from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.process import DAEMON_LOCKED_EXIT
 from milepost.engine.contract.routes import METRICS_PATH, STATUS_PATH
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -51,17 +52,10 @@ def _pick_port(run_dir: Path, host: str, configured: int) -> int:
 
 
 def daemon_running(run_dir: Path) -> dict[str, object] | None:
-    """The daemon.json of a live daemon on this run dir, if there is one."""
-    from . import procs
+    """The pid and URL of the live daemon holding ``run_dir``'s lock, if there is one."""
+    from .lock import holder
 
-    try:
-        info = json.loads(RunDir(run_dir).daemon_file.read_text())
-    except (OSError, ValueError):
-        return None
-    pid = int(info.get("pid", 0))
-    if pid and pid != os.getpid() and procs.runs(pid, "milepost.daemon"):
-        return dict(info)
-    return None
+    return holder(run_dir)
 
 
 def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool) -> int:
@@ -71,6 +65,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
 
     from .api import create_app
     from .auth import load_or_create_token
+    from .lock import DaemonLock, Held
     from .store import SchemaTooNew, Store
     from .supervisor import Supervisor
     from .telemetry_service import Telemetry
@@ -81,12 +76,11 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         print(f"milepost daemon: config error: {e}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (other := daemon_running(run_dir)) is not None:
-        print(
-            f"milepost daemon: already running for {run_dir} (pid {other['pid']}, {other['url']})",
-            file=sys.stderr,
-        )
-        return 1
+    try:
+        lock = DaemonLock(run_dir).acquire()  # held until this process exits, however it exits
+    except Held as e:
+        print(f"milepost daemon: {e}", file=sys.stderr)
+        return DAEMON_LOCKED_EXIT
     host = ops.supervisor.api_host
     port = _pick_port(run_dir, host, ops.supervisor.api_port)
     url = f"http://{host}:{port}"
@@ -129,6 +123,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     )
 
     info = {"url": url, "port": port, "pid": os.getpid(), "started_at": time.time(), "job": sup.job}
+    lock.describe(pid=os.getpid(), url=url)
     daemon_file = RunDir(run_dir).daemon_file
     tmp = daemon_file.with_name(daemon_file.name + ".tmp")
     tmp.write_text(json.dumps(info))

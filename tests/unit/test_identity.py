@@ -168,3 +168,29 @@ def test_a_stale_sglang_record_kills_only_its_own_server(
     server = _start(procs_started, ["sleep", "122"])  # a fake server of an earlier attempt
     ProcessRecord("sglang", str(tmp_path), 0).with_process(server.pid).write(record)
     assert _reap_stale_server(record) and server.wait(timeout=10) == -9
+
+
+@pytest.mark.parametrize("recorded", ["intent only", "with its pid"])
+def test_an_attempt_spawned_but_never_stored_is_ended_not_duplicated(
+    tmp_path: Path, procs_started: list[subprocess.Popen[bytes]], recorded: str
+) -> None:
+    """A daemon died between spawning attempt 0 and storing it: the next daemon ends that orphan."""
+    run_dir = tmp_path / "run"
+    mine = str(run_dir.resolve())
+    # A fake engine with the engine's command line (the interpreter sleeps; the arguments are its argv).
+    engine_args = ["milepost.engine.cli", "engine", "job.toml", "--run-dir", mine, "--attempt", "0"]
+    orphan = _start(procs_started, [sys.executable, "-c", "import time; time.sleep(120)", *engine_args])
+    deadline = time.monotonic() + 10
+    while "--attempt" not in procs.cmdline(orphan.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    intent = ProcessRecord("attempt", mine, 0)
+    (intent if recorded == "intent only" else intent.with_process(orphan.pid)).write(
+        RunDir(run_dir).attempt_record(0)
+    )
+    sup = _supervisor(tmp_path, run_dir)
+    fake_engine = _fake_spawn(sup, procs_started)
+    sup.start()
+    assert orphan.wait(timeout=10) == -9
+    assert [a["number"] for a in sup.store.attempts()] == [0] and sup.attempt.pid == fake_engine[0].pid
+    sup.shutdown()
