@@ -2,7 +2,8 @@
 
 milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done]
     validates the job, then starts the daemon that supervises it (re-attaching to a
-    running attempt when the run dir already has one).
+    running attempt when the run dir already has one). In the foreground, Ctrl-C stops
+    the run (a last checkpoint) and everything it started; with --detach it runs on.
 milepost status [--run-dir DIR]      a readable summary of a run
 milepost pause|resume|stop|checkpoint [--run-dir DIR]   control a running run
 milepost inject --rank N --kind K    inject a fault into a rank
@@ -71,6 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.exit_when_done:
         cmd.append("--exit-when-done")
     if not args.detach:
+        cmd.append("--stop-on-interrupt")  # Ctrl-C in this terminal ends the whole run
         print(
             f"milepost: supervising {args.job} in {run_dir}; the API URL is in {RunDir(run_dir).daemon_file}",
             flush=True,

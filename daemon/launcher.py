@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from milepost.engine.contract.enums import AttemptState
 from milepost.engine.contract.identity import ProcessRecord
 from milepost.engine.contract.layout import RunDir, StandbyDir
 from milepost.engine.contract.process import RUN_ID_ENV, TOKEN_ENV
@@ -114,6 +115,21 @@ class Launcher:
     def record(self, n: int) -> ProcessRecord | None:
         """Attempt ``n``'s process record, if it was started by a daemon that records them."""
         return ProcessRecord.read(RunDir(self.run_dir).attempt_record(n))
+
+    def running_record(self, last: dict[str, Any] | None) -> ProcessRecord | None:
+        """The record of the store's running attempt (row ``last``) while that very process lives.
+
+        An attempt started before records were kept is matched by its engine command line
+        (this run dir, this attempt), never by its pid alone."""
+        if not last or last["state"] != AttemptState.RUNNING or not last["pid"]:
+            return None
+        n, pid = last["number"], last["pid"]
+        rec = self.record(n)
+        if rec is not None:
+            return rec if rec.names(pid, run_dir=self.run_dir, attempt=n) else None
+        if pid in procs.engine_processes(self.run_dir, n):
+            return ProcessRecord("attempt", str(self.run_dir.resolve()), n).with_process(pid)
+        return None
 
     def end_orphans(self, keep: int | None = None) -> list[int]:
         """Kills every recorded process of this run dir but attempt ``keep``; returns their pids."""

@@ -1,11 +1,15 @@
 """The daemon process: owns the run directory, the store, the HTTP API and the supervisor.
 
     python -m milepost.daemon.main JOB.toml --run-dir DIR [--ray-address ADDR] [--exit-when-done]
+                                   [--stop-on-interrupt]
 
 Normally started by ``milepost run``. It imports no torch: it comes up in about a
 second and survives whatever kills the workers. Its API URL, pid and port go to
 ``<run_dir>/daemon.json``; a restarted daemon takes the same port again so that the
 ranks' reporters, which keep retrying, find it where they left it.
+
+Ctrl-C: with ``--stop-on-interrupt`` (a foreground ``milepost run``) it stops the whole run
+(``daemon.interrupt``); without it (``--detach``) the attempt trains on for the next daemon.
 """
 
 from __future__ import annotations
@@ -58,13 +62,16 @@ def daemon_running(run_dir: Path) -> dict[str, object] | None:
     return holder(run_dir)
 
 
-def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool) -> int:
+def serve(
+    job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool, stop_on_interrupt: bool = False
+) -> int:
     import uvicorn
     from milepost.engine.contract.config import ConfigError, load_ops_view
     from milepost.engine.wire import lower_thread_priority
 
     from .api import create_app
     from .auth import load_or_create_token
+    from .interrupt import InterruptibleServer, StopOnInterrupt
     from .lock import DaemonLock, Held
     from .store import SchemaTooNew, Store
     from .supervisor import Supervisor
@@ -116,7 +123,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     )
     # Ranks keep one connection each for reports (every second) and one for spans (every 5 s):
     # uvicorn's 5 s idle limit would close the latter between exports.
-    server = uvicorn.Server(
+    server = InterruptibleServer(
         uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=30
         )
@@ -138,7 +145,10 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         if exit_when_done:
             server.should_exit = True
 
-    threading.Thread(target=supervise, name="milepost-supervisor", daemon=True).start()
+    stopper = StopOnInterrupt(sup, server) if stop_on_interrupt else None
+    server.on_interrupt = stopper
+    supervisor_thread = threading.Thread(target=supervise, name="milepost-supervisor", daemon=True)
+    supervisor_thread.start()
     # The API thread (and the worker threads it starts) yield CPU to training.
     lower_thread_priority(ops.supervisor.telemetry_nice)
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
@@ -157,8 +167,12 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     except KeyboardInterrupt:  # uvicorn shuts down on the first Ctrl-C, then re-raises it
         interrupted = True
     finally:
+        if stopper is not None and (interrupted or stopper.requested.is_set()):
+            stopper.finish(supervisor_thread, str(run_dir), job)
         sup.shutdown()
         telemetry.close()
+    if stopper is not None and stopper.requested.is_set():
+        return 130
     if not interrupted:
         return 0
     from . import procs
@@ -182,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--exit-when-done", action="store_true")
+    p.add_argument(
+        "--stop-on-interrupt", action="store_true", help="Ctrl-C stops the run and all its processes"
+    )
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s daemon: %(message)s",
         handlers=[logging.StreamHandler(), logging.FileHandler(RunDir(run_dir).daemon_log)],
     )
-    return serve(args.job, run_dir, ray_address=args.ray_address, exit_when_done=args.exit_when_done)
+    return serve(
+        args.job,
+        run_dir,
+        ray_address=args.ray_address,
+        exit_when_done=args.exit_when_done,
+        stop_on_interrupt=args.stop_on_interrupt,
+    )
 
 
 if __name__ == "__main__":

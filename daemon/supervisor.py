@@ -118,7 +118,7 @@ class Supervisor:
         )
         self._tail()
         last = self.store.last_attempt()
-        record = self._running_record(last) if run["state"] not in TERMINAL_RUN_STATES else None
+        record = self.launcher.running_record(last) if run["state"] not in TERMINAL_RUN_STATES else None
         ended = self.launcher.end_orphans(keep=last["number"] if record is not None and last else None)
         if ended:
             log.warning("ended processes of this run dir that no attempt of the store runs: %s", ended)
@@ -153,21 +153,6 @@ class Supervisor:
         self.event(EventKind.DAEMON_STARTED, f"supervising {self.job}")
         self._launch()
 
-    def _running_record(self, last: dict[str, Any] | None) -> procs.ProcessRecord | None:
-        """The process record of the store's running attempt while that very process lives, else None.
-
-        An attempt recorded before process records were kept is matched by its engine command
-        line (this run dir, this attempt), never by its pid alone."""
-        if not last or last["state"] != AttemptState.RUNNING or not last["pid"]:
-            return None
-        n, pid = last["number"], last["pid"]
-        rec = self.launcher.record(n)
-        if rec is not None:
-            return rec if rec.names(pid, run_dir=self.run_dir, attempt=n) else None
-        if pid in procs.engine_processes(self.run_dir, n):
-            return procs.ProcessRecord("attempt", str(self.run_dir.resolve()), n).with_process(pid)
-        return None
-
     def loop(self, tick_s: float = 0.5) -> None:
         while not self._stop.is_set() and not self.done.is_set():
             try:
@@ -180,6 +165,19 @@ class Supervisor:
     def shutdown(self) -> None:
         self._stop.set()
         self.launcher.shutdown()
+
+    def end_all(self, reason: str) -> None:
+        """Kills the attempt and the standby now (after ``shutdown``: no tick runs beside this); a
+        run that was stopping ends STOPPED. Nothing of the run is left running."""
+        with self._lock:
+            if self.attempt.pid is not None:
+                self._tail()  # its last words: a checkpoint committed, or that it finished
+                self._kill_attempt(reason)
+                self._tail()
+                code = self._attempt_exit_code()
+                self._on_attempt_end(-9 if code is None else code)
+            self.standby.drop()
+            self.next_launch_at = None
 
     def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """``subprocess.Popen`` at the supervisor's own priority (``Launcher.popen``)."""
