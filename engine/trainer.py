@@ -31,6 +31,7 @@ from .contract.config import JobConfig
 from .contract.enums import FaultKind, Role, Severity
 from .contract.events import EventKind
 from .runtime import RuntimeActor, RuntimeArgs
+from .stack_helper import current_node_id
 from .weights import state_checksum
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ class TrainerRank(RuntimeActor):
             "rank": self.rank,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": current_node_id(),
             "backend": dist.get_backend(),
             "train_backend": self.backend.name,
             **layout,

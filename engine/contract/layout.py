@@ -13,7 +13,10 @@
                               before its spawn (intent) and completed with its pid and start time
       attempts/standby_N/     a warm standby for attempt N: it writes ``ready``, waits for ``go``
       diagnostics/            flight-recorder dumps fr_attempt{N}_{role}{rank}_{group}_{seq}.json
-      diagnostics/diagnosis_N/  evidence of diagnosis N: stack_{role}{rank}.txt per rank
+      diagnostics/diagnosis_N/  evidence of diagnosis N: stack_{role}{rank}.txt per rank; the
+                              daemon's stacks_request.json, answered by the attempt's per-node
+                              stack helpers (engine.stack_helper) with stacks_done.json
+      diagnostics/stack_helpers_N.json  attempt N's driver serves stack requests (per-node helpers up)
       checkpoints/            the default checkpoint root (checkpoint.dir overrides it)
 
 Use :class:`RunDir` for paths; the bare names are here for code that needs only a name.
@@ -36,6 +39,8 @@ DAEMON_OUT = "daemon.out"
 ATTEMPTS_DIR = "attempts"
 DIAGNOSTICS_DIR = "diagnostics"
 CHECKPOINTS_DIR = "checkpoints"
+STACKS_REQUEST = "stacks_request.json"
+STACKS_DONE = "stacks_done.json"
 STANDBY_READY = "ready"
 STANDBY_GO = "go"
 
@@ -59,6 +64,11 @@ def diagnosis_dir_name(diagnosis_id: int) -> str:
 def stack_file_name(role: str, rank: int) -> str:
     """A rank's py-spy stacks inside a diagnosis folder."""
     return f"stack_{role}{rank}.txt"
+
+
+def stack_helpers_name(attempt: int) -> str:
+    """Written by attempt ``attempt``'s driver once its per-node stack helpers answer requests."""
+    return f"stack_helpers_{attempt}.json"
 
 
 def flight_recorder_prefix(attempt: int) -> str:
@@ -134,6 +144,9 @@ class RunDir:
 
     def diagnosis(self, diagnosis_id: int) -> Path:
         return self.diagnostics / diagnosis_dir_name(diagnosis_id)
+
+    def stack_helpers(self, attempt: int) -> Path:
+        return self.diagnostics / stack_helpers_name(attempt)
 
     def flight_recorder_dump(self, attempt: int, role: str, rank: int, group: str, seq: int) -> Path:
         return self.diagnostics / flight_recorder_name(attempt, role, rank, group, seq)

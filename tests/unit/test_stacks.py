@@ -58,3 +58,17 @@ def test_a_running_rank_has_its_frames(rank: subprocess.Popen[str], tmp_path: Pa
     dest = tmp_path / "stack_trainer0.txt"
     evidence.py_spy(rank.pid, dest)
     assert "train_loop" in dest.read_text()
+
+
+def test_a_rank_on_another_host_without_a_helper_is_not_dumped_here(
+    rank: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    """Its pid names some process of this host, not the rank: no dump of a stranger."""
+    rows = [
+        {"role": "trainer", "rank": 0, "attempt": 2, "data": {"pid": rank.pid, "host": "elsewhere"}},
+        {"role": "trainer", "rank": 1, "attempt": 2, "data": {"pid": rank.pid}},  # here
+    ]
+    found = evidence.collect(tmp_path, 7, 2, rows, stacks=True)
+    assert found["stacks_from"] == {"trainer0": "none", "trainer1": "daemon host"}
+    assert "runs on elsewhere" in Path(found["stacks"]["trainer0"]).read_text()
+    assert "train_loop" in Path(found["stacks"]["trainer1"]).read_text()
