@@ -1,7 +1,8 @@
 """Detection benchmark: hang detection latency and culprit accuracy, straggler flag time,
 false positives of a healthy run, and a 4096-rank simulation through the real detector code.
 
-    .venv/bin/python bench/detection.py [--hangs 10] [--healthy-minutes 10] [--sim-ranks 4096]
+    .venv/bin/python bench/detection.py [--hangs 10] [--healthy-minutes 10] [--noisy-minutes 10]
+                                        [--sim-ranks 4096]
 
 Hangs are injected into the real daemon's run through its API, alternating the trainer
 rank: ``hang`` (SIGSTOP: a frozen rank), ``skip-collective`` (a desync) and ``stall``
@@ -10,16 +11,25 @@ rank: ``hang`` (SIGSTOP: a frozen rank), ``skip-collective`` (a desync) and ``st
 diagnosis names exactly the injected rank with the expected kind. Then ``slow:1.25`` on
 one rank: time to its ``straggler`` event. Then a healthy run, alone on the machine
 (``--healthy-beside``: beside the injections instead), counts any collective_hang or
-straggler event. The last stdout line is one JSON object (keys in DESIGN.md's benchmarks).
+straggler event. Then a noisy healthy run (``--noisy-minutes``): each trainer rank pinned
+to a core of its own, a CPU hog pinned to one rank's core in bursts of 2-10 s with pauses
+between, alternating ranks; every straggler or collective_hang raised there is a false
+positive (``noisy_false_positives``). ``--hangs 0`` / ``--healthy-minutes 0`` /
+``--noisy-minutes 0`` skip a part. The last stdout line is one JSON object (keys in DESIGN.md's benchmarks).
 Targets: median detection <= 10 s, culprit accuracy 100%, straggler flagged within 30 s,
-zero false positives, simulated precision and recall >= 0.99, tick <= 100 ms at 4096 ranks.
+zero false positives (healthy and noisy), simulated precision and recall >= 0.99, tick <= 100 ms at 4096 ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -95,6 +105,55 @@ def healthy_false_positives(minutes: float) -> tuple[int, int]:
     return fp, steps
 
 
+HOG = "while True: pass"
+
+
+def _trainer_pids(client: Any) -> dict[int, int]:
+    attempt = max(a["number"] for a in client.attempts())
+    return {
+        r["rank"]: int(r["pid"])
+        for r in client.ranks()
+        if r["role"] == "trainer" and r.get("attempt", attempt) == attempt and r.get("pid")
+    }
+
+
+def noisy_false_positives(minutes: float, seed: int = 0) -> tuple[int, int, int]:
+    """A healthy run with CPU interference on one rank's core at a time: (false positives, bursts, steps)."""
+    import psutil
+
+    rng = random.Random(seed)
+    cores = sorted(os.sched_getaffinity(0))
+    with daemon(BENCH_JOB, "detection-noisy") as (client, _):
+        wait_for("two trainer ranks", lambda: len(_trainer_pids(client)) >= 2, 180)
+        wait_for("steps of the noisy run", lambda: client.status()["step"] >= 10, 180)
+        end = time.monotonic() + minutes * 60
+        bursts = 0
+        while time.monotonic() < end:
+            pids = _trainer_pids(client)  # again each burst: a (wrong) restart would change them
+            rank = bursts % len(pids)
+            core = cores[rank % len(cores)]
+            for r, pid in pids.items():  # each rank on a core of its own, as on a GPU node
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(pid).cpu_affinity([cores[r % len(cores)]])
+            burst_s = min(rng.uniform(2.0, 10.0), max(0.0, end - time.monotonic()))
+            hog = subprocess.Popen([sys.executable, "-c", HOG])
+            try:
+                psutil.Process(hog.pid).cpu_affinity([core])
+                time.sleep(burst_s)
+            finally:
+                hog.kill()
+                hog.wait()
+            bursts += 1
+            log(f"noisy: burst {bursts} of {burst_s:.1f}s on rank {rank}'s core {core}")
+            time.sleep(min(rng.uniform(2.0, 10.0), max(0.0, end - time.monotonic())))
+        steps = client.status()["step"]
+        fp = len(client.events(kind="collective_hang", limit=5000)) + len(
+            client.events(kind="straggler", limit=5000)
+        )
+        log(f"noisy run: {steps} steps, {bursts} bursts in {minutes:g} min, {fp} false positives")
+    return fp, bursts, steps
+
+
 def simulate(ranks: int, slowdown: float, seed: int = 0) -> dict[str, float]:
     """Synthetic per-step compute times of ``ranks`` ranks (1% slowed by ``slowdown``) through the real
     StragglerDetector, and a hang tick of the real HangDetector over ``ranks`` reports."""
@@ -147,6 +206,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hangs", type=int, default=10, help="injections of each hang kind")
     ap.add_argument("--healthy-minutes", type=float, default=10.0)
+    ap.add_argument(
+        "--noisy-minutes", type=float, default=10.0, help="healthy run with CPU-hog bursts on one rank's core"
+    )
     ap.add_argument("--sim-ranks", type=int, default=4096)
     ap.add_argument(
         "--healthy-beside", action="store_true", help="run the healthy job beside the injections (shorter)"
@@ -158,7 +220,8 @@ def main() -> None:
     healthy: dict[str, int] = {}
 
     def healthy_run() -> None:
-        healthy.update(zip(("fp", "steps"), healthy_false_positives(args.healthy_minutes), strict=True))
+        if args.healthy_minutes > 0:
+            healthy.update(zip(("fp", "steps"), healthy_false_positives(args.healthy_minutes), strict=True))
 
     # By default the healthy run has the machine to itself: beside a job under continuous fault
     # injection (restarts, Ray start-ups) on two cores, one rank of it really is slowed for
@@ -172,18 +235,25 @@ def main() -> None:
         thread.join()
     else:
         healthy_run()
-    fp, healthy_steps = healthy["fp"], healthy["steps"]
+    fp, healthy_steps = healthy.get("fp"), healthy.get("steps")
+    noisy_fp, bursts, noisy_steps = (
+        noisy_false_positives(args.noisy_minutes) if args.noisy_minutes > 0 else (None, 0, 0)
+    )
     out = {
         "bench": "detection",
-        "hang_detect_median_s": round(statistics.median(latencies), 2),
-        "hang_detect_max_s": round(max(latencies), 2),
+        "hang_detect_median_s": round(statistics.median(latencies), 2) if latencies else None,
+        "hang_detect_max_s": round(max(latencies), 2) if latencies else None,
         "hangs": total,
-        "culprit_accuracy": round(right / total, 4),
+        "culprit_accuracy": round(right / total, 4) if total else None,
         "straggler_flag_s": round(straggler_s, 1) if straggler_s is not None else None,
         "false_positives": fp,
         "healthy_minutes": args.healthy_minutes,
         "healthy_steps": healthy_steps,
         "healthy_beside_injections": args.healthy_beside,
+        "noisy_false_positives": noisy_fp,
+        "noisy_minutes": args.noisy_minutes,
+        "noisy_bursts": bursts,
+        "noisy_steps": noisy_steps,
         "sim_ranks": args.sim_ranks,
         "sim_precision": round(sim["precision"], 4),
         "sim_recall": round(sim["recall"], 4),

@@ -2,7 +2,8 @@
 
 milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done]
     validates the job, then starts the daemon that supervises it (re-attaching to a
-    running attempt when the run dir already has one).
+    running attempt when the run dir already has one). In the foreground, Ctrl-C stops
+    the run (a last checkpoint) and everything it started; with --detach it runs on.
 milepost status [--run-dir DIR]      a readable summary of a run
 milepost pause|resume|stop|checkpoint [--run-dir DIR]   control a running run
 milepost inject --rank N --kind K    inject a fault into a rank
@@ -32,6 +33,7 @@ from milepost.engine.contract.cli import add_job_arguments, command_parser, run_
 from milepost.engine.contract.config import ConfigError, load_ops_view
 from milepost.engine.contract.enums import Role
 from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.process import DAEMON_LOCKED_EXIT
 from milepost.engine.contract.routes import STATUS_PATH
 
 # Commands other packages own: name -> (module with main(argv), help line).
@@ -64,14 +66,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args.job, args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if (other := daemon_running(run_dir)) is not None:
-        print(f"milepost: a daemon already supervises {run_dir}: pid {other['pid']}, {other['url']}")
-        return 1
+        print(
+            f"milepost: a daemon already supervises {run_dir}: pid {other.get('pid')}, {other.get('url')}",
+            file=sys.stderr,
+        )
+        return DAEMON_LOCKED_EXIT
     cmd = [sys.executable, "-m", "milepost.daemon.main", args.job, "--run-dir", str(run_dir)]
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
     if args.exit_when_done:
         cmd.append("--exit-when-done")
     if not args.detach:
+        cmd.append("--stop-on-interrupt")  # Ctrl-C in this terminal ends the whole run
         print(
             f"milepost: supervising {args.job} in {run_dir}; the API URL is in {RunDir(run_dir).daemon_file}",
             flush=True,
@@ -93,6 +99,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             pass
         if proc.poll() is not None:
+            if proc.returncode == DAEMON_LOCKED_EXIT and (other := daemon_running(run_dir)) is not None:
+                print(
+                    f"milepost: a daemon already supervises {run_dir}: pid {other.get('pid')}, "
+                    f"{other.get('url')}",
+                    file=sys.stderr,
+                )
+                return DAEMON_LOCKED_EXIT
             print(f"milepost: the daemon exited with code {proc.returncode}; see {rd.daemon_out}")
             return 1
         time.sleep(0.2)

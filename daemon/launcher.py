@@ -8,8 +8,14 @@ the telemetry niceness (``daemon.main``), while attempts must run at full priori
 
 The warm standby is the next attempt started ahead (imports done, Ray up) with
 ``--standby-dir``: it waits for a ``go`` file there, and writes ``ready`` when it can
-take over. Its pid is kept in the store (offset ``standby_pid``) so that a restarted
-daemon can end a standby no one will ever start.
+take over. Its pid is kept in the store (offset ``standby_pid``) for tools and tests.
+
+Every spawn is recorded in ``attempts/attempt_N.proc.json`` (``engine.contract.identity``):
+first the intent (run dir, attempt, kind; no pid yet), then the process's pid, start time
+and boot id. A daemon that starts ends every recorded process of its run dir except the
+attempt it re-attaches to (``end_orphans``): a standby no one will start, or an attempt a
+daemon that died started without recording it in the store. Each acts on an exact identity
+match only (or, for a bare intent, on the engine command line of this run dir and attempt).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from milepost.engine.contract.enums import AttemptState
+from milepost.engine.contract.identity import ProcessRecord
 from milepost.engine.contract.layout import RunDir, StandbyDir
 from milepost.engine.contract.process import RUN_ID_ENV, TOKEN_ENV
 
@@ -58,7 +66,7 @@ class Launcher:
             "engine",
             self.job,
             "--run-dir",
-            str(self.run_dir),
+            str(self.run_dir.resolve()),
             "--attempt",
             str(n),
             "--daemon-url",
@@ -88,9 +96,12 @@ class Launcher:
         """Starts attempt ``n`` (as a standby waiting in ``standby_dir`` when given)."""
         run_dir = RunDir(self.run_dir)
         run_dir.attempts.mkdir(exist_ok=True)
+        kind = "attempt" if standby_dir is None else "standby"
+        intent = ProcessRecord(kind, str(self.run_dir.resolve()), n)
+        intent.write(run_dir.attempt_record(n))  # before the spawn: a crash now leaves a findable orphan
         with run_dir.attempt_log(n).open("ab") as out:
             # A session of its own: the attempt outlives the daemon (separate failure domains).
-            return self.popen(
+            proc = self.popen(
                 self.command(n, standby_dir),
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -98,6 +109,41 @@ class Launcher:
                 start_new_session=True,
                 cwd=os.getcwd(),
             )
+        intent.with_process(proc.pid).write(run_dir.attempt_record(n))
+        return proc
+
+    def record(self, n: int) -> ProcessRecord | None:
+        """Attempt ``n``'s process record, if it was started by a daemon that records them."""
+        return ProcessRecord.read(RunDir(self.run_dir).attempt_record(n))
+
+    def running_record(self, last: dict[str, Any] | None) -> ProcessRecord | None:
+        """The record of the store's running attempt (row ``last``) while that very process lives.
+
+        An attempt started before records were kept is matched by its engine command line
+        (this run dir, this attempt), never by its pid alone."""
+        if not last or last["state"] != AttemptState.RUNNING or not last["pid"]:
+            return None
+        n, pid = last["number"], last["pid"]
+        rec = self.record(n)
+        if rec is not None:
+            return rec if rec.names(pid, run_dir=self.run_dir, attempt=n) else None
+        if pid in procs.engine_processes(self.run_dir, n):
+            return ProcessRecord("attempt", str(self.run_dir.resolve()), n).with_process(pid)
+        return None
+
+    def end_orphans(self, keep: int | None = None) -> list[int]:
+        """Kills every recorded process of this run dir but attempt ``keep``; returns their pids."""
+        ended = []
+        mine = str(self.run_dir.resolve())
+        for n, path in sorted(RunDir(self.run_dir).attempt_records().items()):
+            rec = ProcessRecord.read(path)
+            if n == keep or rec is None or rec.run_dir != mine:
+                continue
+            pids = [rec.pid] if rec.pid else procs.engine_processes(self.run_dir, n)
+            for pid in pids:
+                if (rec.pid == 0 or rec.is_running()) and procs.kill_group(pid, or_process=True):
+                    ended.append(pid)
+        return ended
 
     def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """``subprocess.Popen`` from the launcher thread: the child gets the launcher's
@@ -134,12 +180,6 @@ class WarmStandby:
         self.launcher, self.offsets = launcher, offsets
         self.held: Standby | None = None
 
-    def end_orphan(self) -> None:
-        """Ends a standby of a previous daemon: it waits for a go file that no one will write."""
-        orphan = self.offsets.offset("standby_pid")
-        if orphan and procs.runs(orphan, STANDBY_MARKER):
-            procs.kill_group(orphan)
-
     def spawn(self, n: int) -> None:
         where = RunDir(self.launcher.run_dir).standby(n).path
         if where.exists():
@@ -158,8 +198,9 @@ class WarmStandby:
 
     def drop(self) -> None:
         if self.held is not None:
-            procs.kill_group(self.held.proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.held.proc.wait(timeout=10)
+            # Our own child, not yet reaped: its pid cannot have been reused.
+            if procs.kill_group(self.held.proc.pid):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.held.proc.wait(timeout=10)
             self.held = None
             self.offsets.set_offset("standby_pid", 0)

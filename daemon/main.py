@@ -1,11 +1,15 @@
 """The daemon process: owns the run directory, the store, the HTTP API and the supervisor.
 
     python -m milepost.daemon.main JOB.toml --run-dir DIR [--ray-address ADDR] [--exit-when-done]
+                                   [--stop-on-interrupt]
 
 Normally started by ``milepost run``. It imports no torch: it comes up in about a
 second and survives whatever kills the workers. Its API URL, pid and port go to
 ``<run_dir>/daemon.json``; a restarted daemon takes the same port again so that the
 ranks' reporters, which keep retrying, find it where they left it.
+
+Ctrl-C: with ``--stop-on-interrupt`` (a foreground ``milepost run``) it stops the whole run
+(``daemon.interrupt``); without it (``--detach``) the attempt trains on for the next daemon.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from milepost.engine.contract.enums import Role
 from milepost.engine.contract.layout import RunDir
+from milepost.engine.contract.process import DAEMON_LOCKED_EXIT
 from milepost.engine.contract.routes import METRICS_PATH, STATUS_PATH
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -51,20 +56,15 @@ def _pick_port(run_dir: Path, host: str, configured: int) -> int:
 
 
 def daemon_running(run_dir: Path) -> dict[str, object] | None:
-    """The daemon.json of a live daemon on this run dir, if there is one."""
-    from . import procs
+    """The pid and URL of the live daemon holding ``run_dir``'s lock, if there is one."""
+    from .lock import holder
 
-    try:
-        info = json.loads(RunDir(run_dir).daemon_file.read_text())
-    except (OSError, ValueError):
-        return None
-    pid = int(info.get("pid", 0))
-    if pid and pid != os.getpid() and procs.runs(pid, "milepost.daemon"):
-        return dict(info)
-    return None
+    return holder(run_dir)
 
 
-def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool) -> int:
+def serve(
+    job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool, stop_on_interrupt: bool = False
+) -> int:
     import uvicorn
     from milepost.engine.contract.config import ConfigError, load_ops_view
     from milepost.engine.wire import lower_thread_priority
@@ -72,6 +72,8 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     from .alerting import DaemonAlerting
     from .api import create_app
     from .auth import load_or_create_token
+    from .interrupt import InterruptibleServer, StopOnInterrupt
+    from .lock import DaemonLock, Held
     from .store import SchemaTooNew, Store
     from .supervisor import Supervisor
     from .telemetry_service import Telemetry
@@ -82,12 +84,11 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         print(f"milepost daemon: config error: {e}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (other := daemon_running(run_dir)) is not None:
-        print(
-            f"milepost daemon: already running for {run_dir} (pid {other['pid']}, {other['url']})",
-            file=sys.stderr,
-        )
-        return 1
+    try:
+        lock = DaemonLock(run_dir).acquire()  # held until this process exits, however it exits
+    except Held as e:
+        print(f"milepost daemon: {e}", file=sys.stderr)
+        return DAEMON_LOCKED_EXIT
     host = ops.supervisor.api_host
     port = _pick_port(run_dir, host, ops.supervisor.api_port)
     url = f"http://{host}:{port}"
@@ -133,13 +134,14 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     )
     # Ranks keep one connection each for reports (every second) and one for spans (every 5 s):
     # uvicorn's 5 s idle limit would close the latter between exports.
-    server = uvicorn.Server(
+    server = InterruptibleServer(
         uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=30
         )
     )
 
     info = {"url": url, "port": port, "pid": os.getpid(), "started_at": time.time(), "job": sup.job}
+    lock.describe(pid=os.getpid(), url=url)
     daemon_file = RunDir(run_dir).daemon_file
     tmp = daemon_file.with_name(daemon_file.name + ".tmp")
     tmp.write_text(json.dumps(info))
@@ -154,7 +156,10 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
         if exit_when_done:
             server.should_exit = True
 
-    threading.Thread(target=supervise, name="milepost-supervisor", daemon=True).start()
+    stopper = StopOnInterrupt(sup, server) if stop_on_interrupt else None
+    server.on_interrupt = stopper
+    supervisor_thread = threading.Thread(target=supervise, name="milepost-supervisor", daemon=True)
+    supervisor_thread.start()
     # The API thread (and the worker threads it starts) yield CPU to training.
     lower_thread_priority(ops.supervisor.telemetry_nice)
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
@@ -173,9 +178,13 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     except KeyboardInterrupt:  # uvicorn shuts down on the first Ctrl-C, then re-raises it
         interrupted = True
     finally:
+        if stopper is not None and (interrupted or stopper.requested.is_set()):
+            stopper.finish(supervisor_thread, str(run_dir), job)
         sup.shutdown()
         alerting.close()
         telemetry.close()
+    if stopper is not None and stopper.requested.is_set():
+        return 130
     if not interrupted:
         return 0
     from . import procs
@@ -199,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--exit-when-done", action="store_true")
+    p.add_argument(
+        "--stop-on-interrupt", action="store_true", help="Ctrl-C stops the run and all its processes"
+    )
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s daemon: %(message)s",
         handlers=log_handlers(run_dir, retention_of(args.job)),  # daemon.log rotated by size
     )
-    return serve(args.job, run_dir, ray_address=args.ray_address, exit_when_done=args.exit_when_done)
+    return serve(
+        args.job,
+        run_dir,
+        ray_address=args.ray_address,
+        exit_when_done=args.exit_when_done,
+        stop_on_interrupt=args.stop_on_interrupt,
+    )
 
 
 if __name__ == "__main__":

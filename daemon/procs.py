@@ -1,43 +1,28 @@
 """Process identity and control (psutil): is a pid alive, what it runs, and ending its group.
 
-A pid alone names a process only while it lives: the kernel reuses it. ``ProcessIdentity``
-adds the process's create time and the host's boot time, so that a recorded identity can
-tell its own process from a later one with the same pid. Every call here answers instead
-of raising: a process that is gone, a zombie, or one we may not signal is an answer too.
+A pid alone names a process only while it lives: the kernel reuses it, and a rebooted
+host hands the same numbers out again. Re-attach and kill decisions therefore go through
+``ProcessRecord`` (``engine.contract.identity``: pid, start time, boot id, run dir,
+attempt, written when the process was started) and act only on an exact match. Every call
+here answers instead of raising: a process that is gone, a zombie, or one we may not signal
+is an answer too.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import signal
-from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
+from milepost.engine.contract.identity import ProcessIdentity, ProcessRecord
+
+__all__ = ["ProcessIdentity", "ProcessRecord", "alive", "cmdline", "kill_group", "kill_recorded", "runs"]
+
+log = logging.getLogger(__name__)
 
 _DEAD = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-
-
-@dataclass(frozen=True)
-class ProcessIdentity:
-    pid: int
-    create_time: float  # seconds since the epoch, as psutil reads it
-    boot_time: float  # the host's boot: a create time is only comparable within one boot
-
-    @classmethod
-    def of(cls, pid: int) -> ProcessIdentity | None:
-        """The identity of a live process, None when there is none under ``pid``."""
-        if pid <= 0:
-            return None
-        try:
-            return cls(pid, psutil.Process(pid).create_time(), psutil.boot_time())
-        except psutil.Error:
-            return None
-
-    def is_running(self) -> bool:
-        """True while the very process this identity names lives (not a reuse of its pid)."""
-        now = ProcessIdentity.of(self.pid)
-        return now == self and alive(self.pid)
 
 
 def alive(pid: int) -> bool:
@@ -65,14 +50,51 @@ def runs(pid: int, marker: str) -> bool:
     return alive(pid) and marker in cmdline(pid)
 
 
-def kill_group(pid: int, *, or_process: bool = False) -> None:
+def kill_group(pid: int, *, or_process: bool = False) -> bool:
     """SIGKILLs the process group ``pid`` leads; ``or_process``: the process alone when the group
-    cannot be signalled. Never raises: a gone process or a refused signal is nothing to do."""
+    cannot be signalled. True when a signal was sent; never raises: a gone process or a refused
+    signal is an answer (logged), not an error that would stop the caller's next tick."""
     if pid <= 0:
-        return  # killpg(0) would signal our own group
+        return False  # killpg(0) would signal our own group
     try:
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        if or_process:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning("not allowed to signal process group %d", pid)
+    if or_process:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            return True
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            log.warning("not allowed to signal process %d", pid)
+    return False
+
+
+def kill_recorded(record: ProcessRecord | None, *, or_process: bool = False) -> bool:
+    """Kills the group of the process ``record`` names, only while that very process lives."""
+    if record is None or not record.is_running():
+        return False
+    return kill_group(record.pid, or_process=or_process)
+
+
+def engine_processes(run_dir: Path, attempt: int) -> list[int]:
+    """Live engine processes started for ``attempt`` of ``run_dir`` (found by their command line:
+    for a process whose spawn was recorded as an intent only, without its pid)."""
+    want = str(run_dir.resolve())
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        args = p.info.get("cmdline") or []
+        if "milepost.engine.cli" not in args or "--run-dir" not in args or "--attempt" not in args:
+            continue
+        try:
+            rd = Path(args[args.index("--run-dir") + 1])
+            n = int(args[args.index("--attempt") + 1])
+        except (IndexError, ValueError):
+            continue
+        if n == attempt and str(rd.resolve()) == want and alive(p.info["pid"]):
+            found.append(int(p.info["pid"]))
+    return found

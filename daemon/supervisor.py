@@ -120,20 +120,19 @@ class Supervisor:
             target_steps=self.ops.run.steps,
         )
         self._tail()
-        self.standby.end_orphan()
         last = self.store.last_attempt()
+        record = self.launcher.running_record(last) if run["state"] not in TERMINAL_RUN_STATES else None
+        ended = self.launcher.end_orphans(keep=last["number"] if record is not None and last else None)
+        if ended:
+            log.warning("ended processes of this run dir that no attempt of the store runs: %s", ended)
         if run["state"] in TERMINAL_RUN_STATES:
             self.event(EventKind.DAEMON_STARTED, f"run already {run['state']}: {run['reason']}")
             self.done.set()
             return
-        if (
-            last
-            and last["state"] == AttemptState.RUNNING
-            and last["pid"]
-            and procs.runs(last["pid"], "milepost")
-        ):
+        if last and record is not None:
             a = self.attempt
             a.number, a.pid, a.started = last["number"], last["pid"], last["started_at"]
+            a.record = record
             a.start_step = last["start_step"] or 0
             a.last_step_ts = time.time()
             if run["state"] == RunState.PAUSED:
@@ -170,6 +169,19 @@ class Supervisor:
         self._stop.set()
         self.launcher.shutdown()
 
+    def end_all(self, reason: str) -> None:
+        """Kills the attempt and the standby now (after ``shutdown``: no tick runs beside this); a
+        run that was stopping ends STOPPED. Nothing of the run is left running."""
+        with self._lock:
+            if self.attempt.pid is not None:
+                self._tail()  # its last words: a checkpoint committed, or that it finished
+                self._kill_attempt(reason)
+                self._tail()
+                code = self._attempt_exit_code()
+                self._on_attempt_end(-9 if code is None else code)
+            self.standby.drop()
+            self.next_launch_at = None
+
     def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """``subprocess.Popen`` at the supervisor's own priority (``Launcher.popen``)."""
         return self.launcher.popen(cmd, **kwargs)
@@ -204,6 +216,7 @@ class Supervisor:
                 self.standby.drop()
                 proc = self.launcher.spawn(n)
             a.number, a.pid, a.proc = n, proc.pid, proc
+            a.record = self.launcher.record(n)
             self.controller.new_attempt()
             a.started = time.time()
             a.outcome = {}
@@ -240,8 +253,13 @@ class Supervisor:
                 f"ending attempt {self.attempt.number} (pid {pid}): {reason}",
                 Severity.WARNING,
             )
-        procs.kill_group(pid, or_process=True)
-        if self.attempt.proc is not None:
+        if self.attempt.proc is not None:  # our child, not yet reaped: its pid is not reused
+            killed = procs.kill_group(pid, or_process=True)
+        else:  # re-attached: only the very process that was recorded
+            killed = procs.kill_recorded(self.attempt.record, or_process=True)
+        if not killed:
+            log.warning("attempt %d (pid %d) was not signalled; going on", self.attempt.number, pid)
+        elif self.attempt.proc is not None:
             try:
                 self.attempt.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -251,7 +269,8 @@ class Supervisor:
         """Exit code of our child, GONE for a re-attached attempt that ended, None while alive."""
         if self.attempt.proc is not None:
             return self.attempt.proc.poll()
-        if self.attempt.pid is not None and not procs.alive(self.attempt.pid):
+        rec = self.attempt.record
+        if self.attempt.pid is not None and (rec is None or not rec.is_running()):
             return GONE
         return None
 
@@ -264,7 +283,7 @@ class Supervisor:
         n, said = a.number, a.outcome
         last = self.store.last_step()
         step = last["step"] if last else 0
-        a.pid, a.proc = None, None
+        a.pid, a.proc, a.record = None, None, None
         outcome = Outcome(
             attempt=n,
             code=code,

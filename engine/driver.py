@@ -35,6 +35,7 @@ from .control import ControlInbox
 from .grpo import group_advantages
 from .rollout import WeightSyncError
 from .runtime import RankRuntime
+from .stack_helper import StackService, current_node_id
 from .step_result import STEP_RECORD_KEY, RunResult, StepResult, restore_step_record
 from .step_tracing import remote_kwargs
 from .task import Task
@@ -96,6 +97,8 @@ class Engine:
         self.owners: dict[str, tuple[str, int]] = {}
         self.corrupt_next_sync = False  # fault hook: tamper with the next weight packet in transit
         self.built_ahead = 0  # actors a warm standby had built for this attempt
+        self.rank_nodes: dict[tuple[str, int], str] = {}  # (role, rank) -> Ray node id
+        self.stack_service: StackService | None = None
         self.on_failure: Callable[[BaseException], None] | None = None  # called once the actors are gone
 
     # -- actors ---------------------------------------------------------------
@@ -123,6 +126,12 @@ class Engine:
         host, port = self._gather([self.trainers[0].rendezvous_address.remote()], [self.trainers[0]])[0]
         infos = self._gather([t.setup.remote(host, port) for t in self.trainers], self.trainers)
         infos += self._gather([w.info.remote() for w in self.workers], self.workers)
+        nt = len(self.trainers)
+        self.rank_nodes = {(Role.TRAINER, r): str(i.get("node_id", "")) for r, i in enumerate(infos[:nt])}
+        self.rank_nodes.update(
+            {(Role.ROLLOUT, w): str(i.get("node_id", "")) for w, i in enumerate(infos[nt:])}
+        )
+        self.rank_nodes[(Role.DRIVER, 0)] = current_node_id()
         self.events.emit(
             EventKind.ATTEMPT_STARTED,
             f"attempt {self.attempt}: {self.world_size} trainer ranks, {len(self.workers)} rollout workers"
@@ -131,6 +140,15 @@ class Engine:
             built_ahead=self.built_ahead,
             ranks=infos,
         )
+
+    def _start_stack_service(self) -> None:
+        """Per-node stack helpers for the daemon's hang evidence (``engine.stack_helper``)."""
+        if not self.daemon_url or not self.cfg.detection.stacks:
+            return
+        try:
+            self.stack_service = StackService(self.run_dir, self.attempt, lambda: self.rank_nodes).start()
+        except Exception as e:  # an attempt trains without them; the daemon falls back to its own py-spy
+            log.warning("no per-node stack helpers: %r", e)
 
     def _stop_actors(self, *, graceful: bool) -> None:
         """Graceful: ranks flush their checkpoint and reporters first. Otherwise kill at once:
@@ -393,6 +411,7 @@ class Engine:
             if self.elastic:
                 self.world_size = self._choose_world_size()
             self._start_actors()
+            self._start_stack_service()
             with tracing.current().span(
                 "recovery" if self.attempt else "resume", {"milepost.attempt": self.attempt}
             ):
@@ -447,6 +466,8 @@ class Engine:
                 self.on_failure(e)
             raise
         finally:
+            if self.stack_service is not None:
+                self.stack_service.close()
             self._stop_actors(graceful=ok)
             self.rt.close()
             if started_ray:

@@ -27,6 +27,7 @@ from .generate import generate
 from .model import build_policy
 from .runtime import RuntimeActor, RuntimeArgs
 from .seeding import generator
+from .stack_helper import current_node_id
 from .task import Task
 from .weights import state_checksum
 
@@ -63,7 +64,13 @@ class RolloutWorkerBase(RuntimeActor):
         self.open_runtime(cfg, Role.ROLLOUT, index, run_dir, **runtime)
 
     def info(self) -> dict[str, Any]:
-        return {"role": Role.ROLLOUT, "rank": self.index, "pid": os.getpid(), "host": socket.gethostname()}
+        return {
+            "role": Role.ROLLOUT,
+            "rank": self.index,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": current_node_id(),
+        }
 
     # -- weights ----------------------------------------------------------------
     def update_weights(self, packet: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from .contract.enums import FaultKind, Role, Severity
 from .contract.events import EventKind
 from .faults import flip_bytes
 from .runtime import RuntimeActor, RuntimeArgs
+from .stack_helper import current_node_id
 from .weights import state_checksum
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class TrainerRank(RuntimeActor):
             "rank": self.rank,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": current_node_id(),
             "backend": dist.get_backend(),
             "train_backend": self.backend.name,
             **layout,

@@ -30,3 +30,6 @@ RANK_GPU_INTERVAL_ENV = "MILEPOST_RANK_GPU_INTERVAL_S"  # seconds between those 
 GPU_COLLECTOR_ENV = "MILEPOST_GPU_COLLECTOR"  # "0": no NVML collector in the daemon
 
 ENV_VARS = (TOKEN_ENV, RUN_ID_ENV, TRACING_ENV, RANK_GPU_ENV, RANK_GPU_INTERVAL_ENV, GPU_COLLECTOR_ENV)
+
+# -- the daemon's own exit codes (besides 0, 1 error, 2 config error, 130 Ctrl-C) ----------
+DAEMON_LOCKED_EXIT = 73  # another daemon holds the run dir's lock (sysexits EX_CANTCREAT)

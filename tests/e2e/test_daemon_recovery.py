@@ -6,6 +6,7 @@ event naming the rank and the cause), it restarted, and the resume was verified.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -124,9 +125,38 @@ def test_daemon_sigkill_reattaches_without_losing_reports(daemon_run: Any) -> No
     assert client.status()["reports_lost"] == 0
 
 
-def test_ctrl_c_stops_the_daemon_cleanly_and_training_goes_on(daemon_run: Any) -> None:
+def _run_processes(daemon_pid: int, store_pids: list[int]) -> set[int]:
+    """Every process of the run now: the daemon's descendants and every member of the process
+    groups of the attempts and the standby (their Ray clusters included)."""
+    import psutil
+
+    found: set[int] = set()
+    with contextlib.suppress(psutil.Error):
+        found |= {p.pid for p in psutil.Process(daemon_pid).children(recursive=True)}
+    groups = {os.getpgid(p) for p in store_pids if p and _pgid_or_none(p) is not None}
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(p.pid) in groups:
+                found.add(p.pid)
+                found |= {c.pid for c in p.children(recursive=True)}
+    return found
+
+
+def _pgid_or_none(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_ctrl_c_of_a_foreground_run_stops_everything_with_a_last_checkpoint(daemon_run: Any) -> None:
+    """`make run`, then Ctrl-C: a last checkpoint, the attempt ended, the standby and every Ray
+    process gone, and how to keep a run going without a terminal."""
     import json
     import subprocess
+    import time
+
+    import psutil
 
     from tests.harness import MILEPOST
 
@@ -137,21 +167,36 @@ def test_ctrl_c_stops_the_daemon_cleanly_and_training_goes_on(daemon_run: Any) -
     )
     try:
         run.wait("the daemon to write daemon.json", lambda: (run.run_dir / "daemon.json").exists(), 60)
-        run.daemon_pids.append(int(json.loads((run.run_dir / "daemon.json").read_text())["pid"]))
-        run.wait_step(2)
+        daemon_pid = int(json.loads((run.run_dir / "daemon.json").read_text())["pid"])
+        run.daemon_pids.append(daemon_pid)
+        run.wait_step(3)
+        store = run.store()
+        # The standby is up once the attempt made a step; wait for it so that its end is checked too.
+        run.wait("the warm standby", lambda: psutil.pid_exists(store.offset("standby_pid")), 60)
+        pids = [a["pid"] for a in store.attempts()] + [store.offset("standby_pid")]
+        store.close()
+        seen = _run_processes(daemon_pid, pids)
+        assert len(seen) >= 4, seen  # attempt, standby, their Ray clusters and actors
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "--detach" in out and "nothing of it is left running" in out, out
+    deadline = time.monotonic() + 15  # processes SIGKILLed a moment ago may still be reaped
+    while left := [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]:
+        assert time.monotonic() < deadline, [(p, " ".join(psutil.Process(p).cmdline())[:100]) for p in left]
+        time.sleep(0.2)
+    stopped = run.status()
+    assert stopped["state"] == "STOPPED", stopped
     store = run.store()
     (attempt,) = store.attempts()
+    committed = [c["step"] for c in store.checkpoints() if c["status"] == "committed"]
     store.close()
-    assert f"attempt 0 (pid {attempt['pid']}) keeps training" in out, out
-    assert f"--run-dir {run.run_dir}" in out
-    run.wait_steps_written(3, "training to go on without the daemon")
+    assert attempt["state"] == "STOPPED"
+    assert committed and max(committed) == stopped["step"], (committed, stopped)  # the last checkpoint
 
 
 def test_control_api_pause_resume_checkpoint_stop(daemon_run: Any) -> None:

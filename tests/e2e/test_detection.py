@@ -74,7 +74,10 @@ def test_sigstop_names_the_frozen_rank_then_recovers(run: DaemonRun) -> None:
     assert diag["op"] and diag["group"] in ("world", "checkpoint") and diag["seq"] > 0
     assert "trainer 0" in hang["message"]  # every rank's phase is in the message
     stacks = Path(diag["evidence"]["stacks"]["trainer0"]).read_text()
-    assert "Thread" in stacks or "py-spy" in stacks
+    assert "MainThread" in stacks, stacks
+    # the culprit is SIGSTOPped: its stack still holds its main thread's frames
+    culprit = Path(diag["evidence"]["stacks"]["trainer1"]).read_text()
+    assert "MainThread" in culprit and "(" in culprit.split("MainThread", 1)[1], culprit
     _recovered(run, client.status()["step"])
 
 

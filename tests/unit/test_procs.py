@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 from milepost.daemon import procs
 
 
 def test_identity_alive_cmdline_and_group_kill() -> None:
-    child = subprocess.Popen(
-        ["sleep", "30"], start_new_session=True
-    )  # a binary: one exec, its cmdline at once
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
+        deadline = time.monotonic() + 10
+        while procs.cmdline(child.pid) != "sleep 30":  # the fork shows the parent's until the exec
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         ident = procs.ProcessIdentity.of(child.pid)
         assert ident is not None and ident.is_running()
         assert procs.alive(child.pid) and procs.runs(child.pid, "sleep 30")

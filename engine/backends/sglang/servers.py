@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ...contract.config import SGLangConfig
+from ...contract.identity import ProcessRecord
 
 
 @dataclass
@@ -44,7 +45,7 @@ Launcher = Callable[[ServerSpec], ServerProcess]
 class SubprocessServer:
     """``python -m sglang.launch_server`` in a process group of its own (terminated as a group)."""
 
-    def __init__(self, spec: ServerSpec, cfg: SGLangConfig, log_dir: Path) -> None:
+    def __init__(self, spec: ServerSpec, cfg: SGLangConfig, log_dir: Path, *, attempt: int = 0) -> None:
         self.url = spec.url
         cmd = [
             cfg.python or sys.executable,
@@ -69,8 +70,8 @@ class SubprocessServer:
         cmd += list(cfg.extra_args)
         log_dir.mkdir(parents=True, exist_ok=True)
         # A server of an earlier attempt whose rollout worker was killed outlives it (own session):
-        # end it before taking its port.
-        self.pid_path = log_dir / f"sglang-{spec.port}.pid"
+        # end it before taking its port -- that very process only (its record), never a reused pid.
+        self.pid_path = log_dir / f"sglang-{spec.port}.proc.json"
         _reap_stale_server(self.pid_path)
         self.log_path = log_dir / f"sglang-w{spec.worker}-s{spec.index}-{spec.port}.log"
         self._log = self.log_path.open("ab")
@@ -83,34 +84,37 @@ class SubprocessServer:
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
-        self.pid_path.write_text(str(self.proc.pid))
+        record = ProcessRecord("sglang", str(log_dir.resolve()), attempt)
+        record.with_process(self.proc.pid).write(self.pid_path)
 
     def poll(self) -> int | None:
         return self.proc.poll()
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
+            # Our child, not yet reaped: its pid is its own. A refused signal is logged, not raised.
             try:
                 os.killpg(self.proc.pid, 15)
                 self.proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
+            except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, 9)
         self._log.close()
 
 
-def _reap_stale_server(pid_path: Path) -> None:
-    """Kills the process group of a recorded launch_server that is still running (checked by cmdline)."""
+def _reap_stale_server(record_path: Path) -> bool:
+    """Kills the process group of a recorded launch_server while that very process (pid, start
+    time, boot id) still runs; True when it did."""
+    rec = ProcessRecord.read(record_path)
+    if rec is None or rec.kind != "sglang" or not rec.is_running():
+        return False
     try:
-        pid = int(pid_path.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return
-    if b"sglang.launch_server" in cmdline:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, 9)
-        time.sleep(1.0)  # let the port go
+        os.killpg(rec.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        return False
+    time.sleep(1.0)  # let the port go
+    return True
 
 
-def default_launcher(cfg: SGLangConfig, log_dir: Path) -> Launcher:
-    return lambda spec: SubprocessServer(spec, cfg, log_dir)
+def default_launcher(cfg: SGLangConfig, log_dir: Path, *, attempt: int = 0) -> Launcher:
+    return lambda spec: SubprocessServer(spec, cfg, log_dir, attempt=attempt)

@@ -60,7 +60,11 @@ class SGLangRolloutWorker(WeightPush, RolloutWorkerBase):
             s,
             events=self.events,
             push=self._push,
-            launcher=(launcher or default_launcher(s, self.run_dir / "logs")) if self.launch_mode else None,
+            launcher=(
+                launcher or default_launcher(s, self.run_dir / "logs", attempt=runtime.get("attempt", 0))
+            )
+            if self.launch_mode
+            else None,
             model_path=lambda: str(self._write_weights()) if self.state is not None else None,
             clock=clock,
             history_keep=cfg.retention.sglang_history,
