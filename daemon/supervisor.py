@@ -298,24 +298,13 @@ class Supervisor:
         policy = replace(self.policy, restarts=self.store.count_events(EventKind.RESTART_SCHEDULED))
         d = decide(outcome, policy, self.ops.supervisor, self.ops.run.steps)
         self.policy = d.state
-        if d.attempt_state != AttemptState.FAILED:
-            self.store.update_attempt(
-                n,
-                state=d.attempt_state,
-                ended_at=time.time(),
-                exit_code=0 if code == GONE else code,
-                last_step=step,
-            )
-        else:
-            exit_code = code if isinstance(code, int) else None
-            self.store.update_attempt(
-                n,
-                state=AttemptState.FAILED,
-                ended_at=time.time(),
-                reason=d.failure,
-                last_step=step,
-                exit_code=exit_code,
-            )
+        failed = d.attempt_state == AttemptState.FAILED
+        exit_code = (code if isinstance(code, int) else None) if failed else (0 if code == GONE else code)
+        reason = {"reason": d.failure} if failed else {}
+        self.store.update_attempt(
+            n, state=d.attempt_state, ended_at=time.time(), last_step=step, exit_code=exit_code, **reason
+        )
+        if failed:
             self.event(
                 EventKind.ATTEMPT_ENDED,
                 f"attempt {n} failed at step {step}: {d.failure}",
