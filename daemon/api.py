@@ -39,6 +39,7 @@ from milepost.daemon.api_models import (
     Status,
     Steps,
 )
+from milepost.daemon.api_views import CheckpointSizes, ViewHistory, install_view_routes
 from milepost.daemon.auth import tokens_equal
 from milepost.daemon.otlp_receiver import MAX_PAYLOAD
 from milepost.daemon.store import Store
@@ -282,7 +283,7 @@ def create_app(
     ) -> dict[str, Any]:
         return {"steps": json_safe(store.steps(since=since, limit=limit))}
 
-    list_route("checkpoints", Checkpoints, store.checkpoints)
+    list_route("checkpoints", Checkpoints, CheckpointSizes(store))
     list_route("diagnoses", Diagnoses, controller.diagnoses)
 
     @app.post(
@@ -336,13 +337,21 @@ def create_app(
 
     _body_schema(app, INGEST_PATH, IngestBatch)
 
+    telemetry = telemetry or Telemetry.standalone()
     install_telemetry_routes(
         app,
-        telemetry or Telemetry.standalone(),
+        telemetry,
         auth=auth,
         read_deps=read_deps,
         read_errors=read_errors,
         write_errors=_ERRORS,
         worker=hot,
     )
+    history = ViewHistory()
+    if telemetry.bus is not None:
+        telemetry.bus.subscribe(history)
+    install_view_routes(
+        app, store, controller, telemetry, history, read_deps=read_deps, read_errors=read_errors
+    )
+    app.state.view_history = history  # the dashboard bench feeds simulated ranks through it
     return app

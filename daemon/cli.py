@@ -7,6 +7,7 @@ milepost status [--run-dir DIR]      a readable summary of a run
 milepost pause|resume|stop|checkpoint [--run-dir DIR]   control a running run
 milepost inject --rank N --kind K    inject a fault into a rank
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
+milepost dashboard [--run-dir DIR | --api URL] [--runs-root DIR] [--port P]   the live dashboard
 milepost schema                      the job file's JSON Schema
 
 Commands of other packages are listed in ``COMMANDS`` by module name and imported only
@@ -34,6 +35,7 @@ from milepost.engine.contract.routes import STATUS_PATH
 # Commands other packages own: name -> (module with main(argv), help line).
 COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("milepost.engine.cli", "run the engine alone (one attempt); see milepost engine -h"),
+    "dashboard": ("milepost.dashboard.cli", "the live Streamlit dashboard; see milepost dashboard -h"),
 }
 
 
