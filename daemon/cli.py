@@ -1,6 +1,6 @@
 """milepost: the one command line (the ``milepost`` script), and the daemon's commands.
 
-milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done]
+milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done] [--dashboard]
     validates the job, then starts the daemon that supervises it (re-attaching to a
     running attempt when the run dir already has one).
 milepost status [--run-dir DIR]      a readable summary of a run
@@ -68,6 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cmd += ["--ray-address", args.ray_address]
     if args.exit_when_done:
         cmd.append("--exit-when-done")
+    if args.dashboard:
+        cmd += ["--dashboard-port", str(args.dashboard_port)]
     if not args.detach:
         print(
             f"milepost: supervising {args.job} in {run_dir}; the API URL is in {RunDir(run_dir).daemon_file}",
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--detach", action="store_true", help="start the daemon in the background and return")
     r.add_argument("--exit-when-done", action="store_true", help="exit once the run succeeds, fails or stops")
+    r.add_argument("--dashboard", action="store_true", help="start the live dashboard beside the daemon")
+    r.add_argument("--dashboard-port", type=int, default=8501, help="the dashboard's port (default 8501)")
     r.set_defaults(func=_cmd_run)
     s = sub.add_parser("status", help="a readable summary of a run")
     s.add_argument("--run-dir", default=None, help="run directory (default: runs/tiny-grpo-cpu)")

@@ -64,7 +64,9 @@ def daemon_running(run_dir: Path) -> dict[str, object] | None:
     return None
 
 
-def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool) -> int:
+def serve(
+    job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool, dashboard_port: int = 0
+) -> int:
     import uvicorn
     from milepost.engine.contract.config import ConfigError, load_ops_view
     from milepost.engine.wire import lower_thread_priority
@@ -144,11 +146,15 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
             server.should_exit = True
 
     threading.Thread(target=supervise, name="milepost-supervisor", daemon=True).start()
+    from . import dashboard_proc
+
+    dash, dash_url = dashboard_proc.start(run_dir, dashboard_port) if dashboard_port else (None, "")
     # The API thread (and the worker threads it starts) yield CPU to training.
     lower_thread_priority(ops.supervisor.telemetry_nice)
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
     print(
-        f"\nmilepost daemon (pid {os.getpid()}) supervising {job}\n"
+        (f"\nmilepost dashboard  {dash_url}   (log {RunDir(run_dir).dashboard_log})" if dash else "")
+        + f"\nmilepost daemon (pid {os.getpid()}) supervising {job}\n"
         f"  status   {url}{STATUS_PATH}     API docs {url}/docs\n"
         f"  metrics  {url}{METRICS_PATH}\n"
         f"  summary  .venv/bin/milepost status --run-dir {run_dir}\n"
@@ -162,6 +168,7 @@ def serve(job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: b
     except KeyboardInterrupt:  # uvicorn shuts down on the first Ctrl-C, then re-raises it
         interrupted = True
     finally:
+        dashboard_proc.stop(dash)
         sup.shutdown()
         telemetry.close()
     if not interrupted:
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--exit-when-done", action="store_true")
+    p.add_argument("--dashboard-port", type=int, default=0, help="start the dashboard on this port (0: none)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s daemon: %(message)s",
         handlers=[logging.StreamHandler(), logging.FileHandler(RunDir(run_dir).daemon_log)],
     )
-    return serve(args.job, run_dir, ray_address=args.ray_address, exit_when_done=args.exit_when_done)
+    return serve(
+        args.job,
+        run_dir,
+        ray_address=args.ray_address,
+        exit_when_done=args.exit_when_done,
+        dashboard_port=args.dashboard_port,
+    )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ def render() -> None:
         m[3].metric("failed verifications", len(bad))
         if ckpts:
             st.subheader("Timeline (size = bytes on disk)")
-            st.altair_chart(charts.checkpoint_timeline(ckpts), use_container_width=True)
+            st.altair_chart(charts.checkpoint_timeline(ckpts), width="stretch")
         st.subheader("Save stall (the step's checkpoint phase)")
-        st.altair_chart(charts.stall_bars(steps), use_container_width=True)
+        st.altair_chart(charts.stall_bars(steps), width="stretch")
         st.subheader("Checkpoints")
         st.dataframe(
             [
@@ -62,7 +62,7 @@ def render() -> None:
                 for c in ckpts
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
         st.subheader("Verification and resumes")
         st.dataframe(
@@ -77,7 +77,7 @@ def render() -> None:
                 for e in events
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
 
     live(body)

@@ -30,19 +30,19 @@ def render() -> None:
                 for c in in_flight[:500]
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
         series = data.get("series", [])
         if not series:
             st.info("No collective traffic reported in this window.")
             return
         st.subheader("Mean duration (s)")
-        st.altair_chart(charts.collective_lines(series, "mean_s", "mean s"), use_container_width=True)
+        st.altair_chart(charts.collective_lines(series, "mean_s", "mean s"), width="stretch")
         st.subheader("Max duration (s)")
-        st.altair_chart(charts.collective_lines(series, "max_s", "max s"), use_container_width=True)
+        st.altair_chart(charts.collective_lines(series, "max_s", "max s"), width="stretch")
         st.subheader("Bus bandwidth (bytes/s, nccl-tests factors)")
         st.altair_chart(
-            charts.collective_lines(series, "busbw_bytes_per_second", "busbw B/s"), use_container_width=True
+            charts.collective_lines(series, "busbw_bytes_per_second", "busbw B/s"), width="stretch"
         )
 
     live(body)

@@ -59,7 +59,7 @@ def render() -> None:
                 for e in shown
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
 
     live(body)

@@ -38,7 +38,7 @@ def render() -> None:
                 for d in diags
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
         ids = [int(d["id"]) for d in diags]
         wanted = st.query_params.get("diagnosis")
@@ -63,7 +63,7 @@ def show(d: dict[str, Any]) -> None:
     points = source.read(f"timeline {d['id']}", lambda c: c.recovery_timeline(int(d["id"])), [])
     st.subheader("Recovery timeline")
     if points:
-        st.altair_chart(charts.recovery_timeline(points), use_container_width=True)
+        st.altair_chart(charts.recovery_timeline(points), width="stretch")
     else:
         st.info("No recovery stages yet.")
     phases = ev.get("phases") or d.get("phases") or {}
@@ -71,7 +71,7 @@ def show(d: dict[str, Any]) -> None:
     st.dataframe(
         [{"rank": who, "phase@step": p} for who, p in sorted(phases.items())],
         hide_index=True,
-        use_container_width=True,
+        width="stretch",
     )
     st.subheader("Stacks (py-spy)")
     stacks = ev.get("stacks") or {}
@@ -95,5 +95,5 @@ def show(d: dict[str, Any]) -> None:
             st.dataframe(
                 [{"group": g, **v} for g, v in status.items() if isinstance(v, dict)],
                 hide_index=True,
-                use_container_width=True,
+                width="stretch",
             )

@@ -19,7 +19,7 @@ def render() -> None:
         if not steps:
             st.info("No steps yet.")
             return
-        st.altair_chart(charts.curves(steps, FIELDS), use_container_width=False)
+        st.altair_chart(charts.curves(steps, FIELDS), width="content")
         nonfinite = [s["step"] for s in steps if any(s.get(k) is None for k in ("loss", "grad_norm"))]
         if nonfinite:
             st.warning(f"non-finite loss or gradient norm at steps {nonfinite[-10:]}")

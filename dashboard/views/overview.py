@@ -63,10 +63,10 @@ def render() -> None:
         with left:
             st.subheader("Goodput")
             if goodput:
-                st.altair_chart(charts.goodput_bars(goodput), use_container_width=True)
+                st.altair_chart(charts.goodput_bars(goodput), width="stretch")
         with right:
             st.subheader("Learning and throughput")
-            st.altair_chart(charts.curves(steps), use_container_width=False)
+            st.altair_chart(charts.curves(steps), width="content")
         st.subheader("Last events")
         st.dataframe(
             [
@@ -80,7 +80,7 @@ def render() -> None:
                 for e in events
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
 
     live(body)

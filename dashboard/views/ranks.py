@@ -63,19 +63,19 @@ def render() -> None:
         m[3].metric("phases now", ", ".join(f"{k} {v}" for k, v in sorted(phases.items())) or "-")
         if matrix.get("steps"):
             st.subheader(f"Compute time, all {total} ranks (min-max band, p50, p90)")
-            st.altair_chart(charts.aggregate_band(matrix), use_container_width=True)
+            st.altair_chart(charts.aggregate_band(matrix), width="stretch")
             first = (page - 1) * size
             st.subheader(
                 f"Compute time per rank: ranks {first + 1}-{first + len(matrix['ranks'])} of {total}, by {sort}"
             )
-            st.altair_chart(charts.heatmap(matrix), use_container_width=True)
+            st.altair_chart(charts.heatmap(matrix), width="stretch")
             st.dataframe(
                 [
                     {"rank": r, "straggler score": s, "last compute s": v}
                     for r, s, v in zip(matrix["ranks"], matrix["scores"], matrix["last"], strict=False)
                 ],
                 hide_index=True,
-                use_container_width=True,
+                width="stretch",
             )
         else:
             st.info("No per-step compute times reported yet.")
@@ -84,6 +84,6 @@ def render() -> None:
         shown = [by_rank[r] for r in matrix.get("ranks", []) if r in by_rank] or rows[
             (page - 1) * size : page * size
         ]
-        st.dataframe(shown, hide_index=True, use_container_width=True)
+        st.dataframe(shown, hide_index=True, width="stretch")
 
     live(body)

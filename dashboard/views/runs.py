@@ -59,7 +59,7 @@ def render() -> None:
             st.info(f"No runs under {s.runs_root} (a run dir holds daemon.json or milepost.db).")
             return
         rows = [summary(d) for d in dirs]
-        st.dataframe(rows, hide_index=True, use_container_width=True)
+        st.dataframe(rows, hide_index=True, width="stretch")
 
     live(body)
     if dirs:

@@ -28,7 +28,7 @@ def render() -> None:
             st.warning(f"no spans of step {step} are held")
             return
         st.subheader(f"Step {step}: trace {trace.get('trace_id')}, {len(spans)} spans")
-        st.altair_chart(charts.waterfall(spans), use_container_width=True)
+        st.altair_chart(charts.waterfall(spans), width="stretch")
         st.dataframe(
             [
                 {
@@ -40,7 +40,7 @@ def render() -> None:
                 for s in sorted(spans, key=lambda s: float(s["start_ts"]))
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
 
     live(body)

@@ -7,6 +7,7 @@
       token                   the API's bearer token (0600), unless $MILEPOST_TOKEN is set
       milepost.db             the daemon's SQLite store (WAL)
       daemon.log, daemon.out  the daemon's log; its stdout/stderr when detached
+      dashboard.log           the dashboard's output when the daemon started it (run --dashboard)
       attempts/attempt_N.log  attempt N's stdout/stderr
       attempts/standby_N/     a warm standby for attempt N: it writes ``ready``, waits for ``go``
       diagnostics/            flight-recorder dumps fr_attempt{N}_{role}{rank}_{group}_{seq}.json
@@ -29,6 +30,7 @@ TOKEN_FILE = "token"
 DB_FILE = "milepost.db"
 DAEMON_LOG = "daemon.log"
 DAEMON_OUT = "daemon.out"
+DASHBOARD_LOG = "dashboard.log"
 ATTEMPTS_DIR = "attempts"
 DIAGNOSTICS_DIR = "diagnostics"
 CHECKPOINTS_DIR = "checkpoints"
@@ -101,6 +103,7 @@ class RunDir:
     db = _Under(DB_FILE)
     daemon_log = _Under(DAEMON_LOG)
     daemon_out = _Under(DAEMON_OUT)
+    dashboard_log = _Under(DASHBOARD_LOG)
     attempts = _Under(ATTEMPTS_DIR)
     diagnostics = _Under(DIAGNOSTICS_DIR)
     checkpoints = _Under(CHECKPOINTS_DIR)
