@@ -39,7 +39,7 @@ def curves(steps: list[dict[str, Any]], fields: tuple[str, ...] = CURVES) -> alt
             y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
             tooltip=["step:Q", "metric:N", alt.Tooltip("value:Q", format=".4g")],
         )
-        .properties(height=140, width=260)
+        .properties(height=140, width=280)
         .facet(facet=alt.Facet("metric:N", title=None), columns=3)
         .resolve_scale(y="independent")
     )
@@ -125,6 +125,7 @@ def recovery_timeline(points: list[dict[str, Any]]) -> alt.Chart:
     df = pd.DataFrame(points, columns=["stage", "ts", "detail"])
     t0 = float(df["ts"].min()) if len(df) else 0.0
     df["seconds"] = df["ts"] - t0
+    df["zero"] = 0.0
     base = alt.Chart(df).encode(
         x=alt.X("seconds:Q", title="seconds since the fault"),
         y=alt.Y("stage:N", sort=STAGE_ORDER, title=None),
@@ -132,7 +133,7 @@ def recovery_timeline(points: list[dict[str, Any]]) -> alt.Chart:
     return (
         base.mark_point(filled=True, size=120).encode(tooltip=["stage:N", "seconds:Q", "detail:N"])
         + base.mark_text(align="left", dx=8).encode(text=alt.Text("seconds:Q", format=".1f"))
-        + base.mark_rule().encode(x=alt.value(0), x2="seconds:Q")
+        + base.mark_rule().encode(x="zero:Q", x2="seconds:Q")
     ).properties(height=200)
 
 

@@ -48,15 +48,15 @@ def render() -> None:
         steps = new_steps()
         events = source.read("last_events", lambda c: c.events(newest_first=True, limit=15), [])
         source.banner()
-        cols = st.columns(6)
-        cols[0].metric("state", status.get("state", "-"))
-        cols[1].metric("step", f"{status.get('step', '-')} / {status.get('target_steps', '-')}")
+        top, bottom = st.columns(3), st.columns(3)
+        top[0].metric("state", status.get("state", "-"))
+        top[1].metric("step", f"{status.get('step', '-')} / {status.get('target_steps', '-')}")
         eta = eta_s(status, steps)
-        cols[2].metric("ETA", f"{eta / 60:.1f} min" if eta is not None else "-")
+        top[2].metric("ETA", f"{eta / 60:.1f} min" if eta is not None else "-")
         gp = status.get("goodput")
-        cols[3].metric("goodput", f"{gp:.1%}" if isinstance(gp, float) else "-")
-        cols[4].metric("restarts", status.get("restarts", "-"))
-        cols[5].metric("attempt", status.get("attempt", "-"))
+        bottom[0].metric("goodput", f"{gp:.1%}" if isinstance(gp, float) else "-")
+        bottom[1].metric("restarts", status.get("restarts", "-"))
+        bottom[2].metric("attempt", status.get("attempt", "-"))
         if status.get("reason"):
             st.caption(f"reason: {status['reason']}")
         left, right = st.columns([1, 2])
@@ -65,22 +65,23 @@ def render() -> None:
             if goodput:
                 st.altair_chart(charts.goodput_bars(goodput), width="stretch")
         with right:
-            st.subheader("Learning and throughput")
-            st.altair_chart(charts.curves(steps), width="content")
-        st.subheader("Last events")
-        st.dataframe(
-            [
-                {
-                    "time": source.fmt_ts(e.get("ts")),
-                    "kind": e["kind"],
-                    "severity": e.get("severity"),
-                    "attempt": e.get("attempt"),
-                    "message": e.get("message"),
-                }
-                for e in events
-            ],
-            hide_index=True,
-            width="stretch",
-        )
+            st.subheader("Last events")
+            st.dataframe(
+                [
+                    {
+                        "time": source.fmt_ts(e.get("ts")),
+                        "kind": e["kind"],
+                        "severity": e.get("severity"),
+                        "attempt": e.get("attempt"),
+                        "message": e.get("message"),
+                    }
+                    for e in events
+                ],
+                hide_index=True,
+                width="stretch",
+                height=220,
+            )
+        st.subheader("Learning and throughput")
+        st.altair_chart(charts.curves(steps), width="content")
 
     live(body)

@@ -247,7 +247,7 @@ KEY_TEXT = {
     "traces": "spans",
     "events": "of the newest",
     "learning_health": "Learning health",
-    "controls": "confirm",
+    "controls": "pause",
 }
 CHARTS = {"overview", "ranks", "collectives", "incidents", "checkpoints", "traces", "learning_health"}
 
