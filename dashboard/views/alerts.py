@@ -31,7 +31,8 @@ def render() -> None:
         data = source.read("alerts", lambda c: source.raw("GET", ALERTS_PATH), None)
         source.banner()
         if data is None:
-            st.warning("alerts API not available on this daemon (no /api/v1/alerts)")
+            if not st.session_state.get("down"):
+                st.warning("alerts API not available on this daemon (no /api/v1/alerts)")
             return
         alerts = data.get("alerts", []) if isinstance(data, dict) else list(data)
         for status in STATUSES:

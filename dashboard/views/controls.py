@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import streamlit as st
 from milepost.daemon.client import DaemonError
 from milepost.dashboard import source
@@ -40,7 +42,8 @@ def render() -> None:
             st.session_state.pop("confirm", None)
             w = source.writer()
             try:
-                res = w.control(pending) if w else None
+                with contextlib.closing(w) if w else contextlib.nullcontext():
+                    res = w.control(pending) if w else None
             except DaemonError as e:
                 st.error(f"{pending}: {e}")
             else:
