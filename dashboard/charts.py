@@ -12,6 +12,7 @@ import altair as alt
 import pandas as pd
 
 CURVES = ("reward_mean", "loss", "kl", "grad_norm", "tokens_per_s")
+HEATMAP_COLUMNS = 50  # at most this many step columns in the heatmap
 STAGE_ORDER = ["fault", "detected", "attempt ended", "restarted", "resume verified", "first step"]
 
 
@@ -62,21 +63,28 @@ def goodput_bars(goodput: dict[str, Any]) -> alt.Chart:
     )
 
 
-def heatmap(matrix: dict[str, Any]) -> alt.Chart:
-    """One page of ranks x steps, colour = compute seconds; rows in the API's order (sorted there)."""
-    rows = [
-        {"rank": rank, "step": step, "seconds": v}
-        for rank, values in zip(matrix.get("ranks", []), matrix.get("values", []), strict=False)
-        for step, v in zip(matrix.get("steps", []), values, strict=False)
-        if v is not None
-    ]
+def heatmap(matrix: dict[str, Any], max_columns: int = HEATMAP_COLUMNS) -> alt.Chart:
+    """One page of ranks x steps, colour = compute seconds; rows in the API's order (sorted there).
+
+    More steps than ``max_columns`` are binned (mean of each bin, labelled by its first step):
+    the browser draws every cell on each refresh, and 64 x 200 cells took seconds on a busy machine.
+    """
+    steps = list(matrix.get("steps", []))
+    width = max(1, -(-len(steps) // max_columns))  # steps per column, rounded up
+    rows = []
+    for rank, values in zip(matrix.get("ranks", []), matrix.get("values", []), strict=False):
+        for i in range(0, len(steps), width):
+            cell = [v for v in values[i : i + width] if v is not None]
+            if cell:
+                rows.append({"rank": str(rank), "step": steps[i], "seconds": sum(cell) / len(cell)})
     order = [str(r) for r in matrix.get("ranks", [])]
-    df = pd.DataFrame(rows, columns=["rank", "step", "seconds"]).astype({"rank": str})
+    df = pd.DataFrame(rows, columns=["rank", "step", "seconds"])
+    title = "step" if width == 1 else f"step (bins of {width})"
     return (
         alt.Chart(df)
         .mark_rect()
         .encode(
-            x=alt.X("step:O", title="step", axis=alt.Axis(labelOverlap=True)),
+            x=alt.X("step:O", title=title, axis=alt.Axis(labelOverlap=True)),
             y=alt.Y("rank:O", sort=order, title="rank"),
             color=alt.Color("seconds:Q", scale=alt.Scale(scheme="viridis"), title="compute s"),
             tooltip=["rank:N", "step:Q", alt.Tooltip("seconds:Q", format=".4f")],
@@ -163,7 +171,7 @@ def waterfall(spans: list[dict[str, Any]]) -> alt.Chart:
         .encode(
             x=alt.X("start:Q", title="seconds since the trace began"),
             x2="end:Q",
-            y=alt.Y("span:N", sort=list(df["span"]), title=None),
+            y=alt.Y("span:N", sort=list(df["span"]), title=None, axis=alt.Axis(labelLimit=260)),
             color=alt.Color("process:N"),
             tooltip=["span:N", "process:N", alt.Tooltip("ms:Q", format=".1f")],
         )

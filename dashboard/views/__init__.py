@@ -11,10 +11,10 @@ from milepost.dashboard.source import settings
 UPDATED = "updated"  # the caption each live body ends with (bench/dashboard.py reads it in the browser)
 
 
-def live(body: Callable[[], None]) -> None:
-    """Runs ``body`` now and again every refresh interval, in place (a fragment: no page reload).
-
-    Each run ends with a caption: when it started (ms) and how long the script took.
+def live(body: Callable[[], None], every_s: float | None = None) -> None:
+    """Runs ``body`` now and again every ``every_s`` (default: the refresh interval), in place
+    (a fragment: no page reload). Each run ends with a caption: when it started (ms) and how
+    long the script took.
     """
 
     def run() -> None:
@@ -24,4 +24,4 @@ def live(body: Callable[[], None]) -> None:
         st.caption(f"{UPDATED} {stamp} in {(time.time() - start) * 1000:.0f} ms")
 
     run.__qualname__ = f"live.{getattr(body, '__module__', '')}.{getattr(body, '__qualname__', 'body')}"
-    st.fragment(run, run_every=settings().refresh_s)()
+    st.fragment(run, run_every=every_s or settings().refresh_s)()
