@@ -1,4 +1,4 @@
-"""``milepost dashboard``: starts the Streamlit app on a run's daemon.
+"""milepost dashboard: starts the Streamlit app on a run's daemon.
 
     milepost dashboard [--run-dir DIR | --api URL] [--runs-root DIR] [--port P] [--host H]
 

@@ -31,7 +31,8 @@ from tests.conftest import REPO
 from tests.harness import DaemonRun, e2e_job
 from tests.servers import free_port
 
-pytestmark = pytest.mark.slow
+# The first test carries the shared run's start-up (minutes on a loaded 2-core machine).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
 CHROMIUM = "/usr/bin/chromium"
@@ -57,7 +58,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
     os.environ.update(env)
     try:
         client = r.start()
-        r.wait_step(3)
+        r.wait_step(3, timeout=240)  # Ray's start may time out once on a busy machine: the daemon retries
         # The hang goes in once the warm standby is up: a cold restart on a loaded machine takes minutes.
         r.wait("the warm standby", lambda: (r.run_dir / "attempts" / "standby_1" / "ready").exists(), 90)
         client.inject("hang", rank=1)

@@ -7,6 +7,7 @@ fed to the API's view history. The views against a live run are tests/integratio
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +95,30 @@ def test_without_a_daemon_every_view_says_so_and_none_raises(
         assert not at.exception, (view, [e.value for e in at.exception])
         if view != "runs":
             assert any("Daemon unreachable" in e.value for e in at.error), view
+
+
+def test_the_daemons_dashboard_child_serves_then_stops(daemon: tuple[Any, Path]) -> None:
+    """What `milepost run --dashboard` (make run) does: start the dashboard beside the daemon, stop it with it."""
+    import time
+
+    import httpx
+    from milepost.daemon import dashboard_proc
+
+    from tests.servers import free_port
+
+    _, run_dir = daemon
+    proc, url = dashboard_proc.start(run_dir, free_port())
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (run_dir / "dashboard.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok":
+                    break
+            assert time.monotonic() < deadline, "the dashboard did not come up in 60 s"
+            time.sleep(0.3)
+    finally:
+        dashboard_proc.stop(proc)
+    assert proc.returncode is not None
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/_stcore/health", timeout=2)
