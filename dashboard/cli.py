@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,10 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     args = parse(argv)
     print(f"milepost dashboard: http://{args.host}:{args.port}", flush=True)
-    try:
-        return subprocess.call(streamlit_command(args.port, args.host), env=environment(args))
-    except KeyboardInterrupt:
-        return 130
+    cmd = streamlit_command(args.port, args.host)
+    # Become Streamlit (no child): whoever stops this process (the daemon, a test) stops the server.
+    os.execve(cmd[0], cmd, environment(args))
+    return 0  # not reached
 
 
 if __name__ == "__main__":
