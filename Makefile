@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 RUN_DIR ?= runs/tiny-grpo-cpu-$(shell date +%Y%m%d-%H%M%S)
 
 run: venv
-	$(BIN)/milepost run $(JOB) --run-dir $(RUN_DIR)
+	$(BIN)/milepost run $(JOB) --run-dir $(RUN_DIR) --dashboard
 
 lint: venv
 	$(BIN)/ruff check .

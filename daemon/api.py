@@ -44,6 +44,7 @@ from milepost.daemon.api_models import (
     Status,
     Steps,
 )
+from milepost.daemon.api_views import CheckpointSizes, ViewHistory, install_view_routes
 from milepost.daemon.auth import tokens_equal
 from milepost.daemon.ingest_parse import RejectLog, envelope_errors, parse_batch
 from milepost.daemon.otlp_receiver import MAX_PAYLOAD
@@ -296,7 +297,7 @@ def create_app(
     ) -> dict[str, Any]:
         return {"steps": json_safe(store.steps(since=since, limit=limit))}
 
-    list_route("checkpoints", Checkpoints, store.checkpoints)
+    list_route("checkpoints", Checkpoints, CheckpointSizes(store))
     list_route("diagnoses", Diagnoses, controller.diagnoses)
 
     @app.post(
@@ -390,4 +391,9 @@ def create_app(
         write_errors=_ERRORS,
         worker=hot,
     )
+    history = ViewHistory()
+    if tele.bus is not None:
+        tele.bus.subscribe(history)
+    install_view_routes(app, store, controller, tele, history, read_deps=read_deps, read_errors=read_errors)
+    app.state.view_history = history  # the dashboard bench feeds simulated ranks through it
     return app

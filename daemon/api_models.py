@@ -125,6 +125,7 @@ class CheckpointView(_Open):
     state_checksum: str | None = None
     committed_at: float | None = None
     attempt: int | None = None
+    size_bytes: int | None = Field(default=None, description="bytes on disk of the checkpoint's directory")
 
 
 class Checkpoints(BaseModel):
@@ -252,3 +253,61 @@ class AlertTestResult(BaseModel):
     status: str = Field(description="ok | retry | fail")
     answer: str = Field(description="what the receiver answered (secrets scrubbed)")
     reason: str
+# -- the dashboard's views (daemon/api_views.py) ---------------------------------
+class RankMatrix(_Open):
+    role: str
+    metric: str = Field(description="compute_s: seconds of compute per step")
+    steps: list[int] = Field(description="the columns: the newest steps any rank reported")
+    total_ranks: int
+    offset: int
+    sort: str
+    ranks: list[int] = Field(description="the rows: this page of ranks, in the requested order")
+    values: list[list[float | None]] = Field(description="values[i][j]: rank ranks[i] at step steps[j]")
+    scores: list[float | None] = Field(description="straggler score: median ratio to the step's median rank")
+    last: list[float | None]
+    aggregate: dict[str, list[float | None]] = Field(
+        description="min, p50, p90, max, mean per step, all ranks"
+    )
+
+
+class InFlightCollective(_Open):
+    role: str
+    rank: int
+    op: str
+    group: str
+    seq: int
+    age_s: float
+
+
+class CollectiveBucket(_Open):
+    t: float = Field(description="bucket start (unix seconds)")
+    op: str
+    group: str
+    count: int
+    mean_s: float | None
+    max_s: float
+    busbw_bytes_per_second: float
+
+
+class CollectivesView(BaseModel):
+    now: float
+    in_flight: list[InFlightCollective]
+    series: list[CollectiveBucket]
+
+
+class EvidenceView(_Open):
+    id: int
+    phases: dict[str, Any]
+    stacks: dict[str, str] = Field(description="py-spy (or faulthandler) stack text per rank, capped")
+    flight_recorder: list[dict[str, Any]]
+
+
+class TimelinePoint(_Open):
+    stage: str = Field(description="fault, detected, attempt ended, restarted, resume verified, first step")
+    ts: float
+    detail: str | None = None
+
+
+class RecoveryTimeline(BaseModel):
+    id: int
+    points: list[TimelinePoint]

@@ -1,6 +1,6 @@
 """milepost: the one command line (the ``milepost`` script), and the daemon's commands.
 
-milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done]
+milepost run JOB.toml [--run-dir DIR] [--ray-address ADDR] [--detach] [--exit-when-done] [--dashboard]
     validates the job, then starts the daemon that supervises it (re-attaching to a
     running attempt when the run dir already has one). In the foreground, Ctrl-C stops
     the run (a last checkpoint) and everything it started; with --detach it runs on.
@@ -8,6 +8,7 @@ milepost status [--run-dir DIR]      a readable summary of a run
 milepost pause|resume|stop|checkpoint [--run-dir DIR]   control a running run
 milepost inject --rank N --kind K    inject a fault into a rank
 milepost engine JOB.toml [...]       the engine alone, one attempt (see milepost engine -h)
+milepost dashboard [--run-dir DIR | --api URL] [--runs-root DIR] [--port P]   the live dashboard
 milepost schema                      the job file's JSON Schema
 milepost alerts list|silence|unsilence|test   the run's alerts (see milepost alerts -h)
 milepost grafana push|render [...]   Grafana dashboards and alert rules (see milepost grafana -h)
@@ -41,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("milepost.engine.cli", "run the engine alone (one attempt); see milepost engine -h"),
     "grafana": ("milepost.daemon.grafana_push", "push or render the Grafana dashboards and alert rules"),
     "deploy": ("milepost.daemon.kuberay", "render Ray cluster manifests (KubeRay, ray up) from a job file"),
+    "dashboard": ("milepost.dashboard.cli", "the live Streamlit dashboard; see milepost dashboard -h"),
 }
 
 
@@ -76,6 +78,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cmd += ["--ray-address", args.ray_address]
     if args.exit_when_done:
         cmd.append("--exit-when-done")
+    if args.dashboard:
+        cmd += ["--dashboard-port", str(args.dashboard_port)]
     if not args.detach:
         cmd.append("--stop-on-interrupt")  # Ctrl-C in this terminal ends the whole run
         print(
@@ -164,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--detach", action="store_true", help="start the daemon in the background and return")
     r.add_argument("--exit-when-done", action="store_true", help="exit once the run succeeds, fails or stops")
+    r.add_argument("--dashboard", action="store_true", help="start the live dashboard beside the daemon")
+    r.add_argument("--dashboard-port", type=int, default=8501, help="the dashboard's port (default 8501)")
     r.set_defaults(func=_cmd_run)
     s = sub.add_parser("status", help="a readable summary of a run")
     s.add_argument("--run-dir", default=None, help="run directory (default: runs/tiny-grpo-cpu)")

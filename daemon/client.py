@@ -20,12 +20,17 @@ from milepost.engine.contract.routes import (
     ALERTS_PATH,
     ALERTS_TEST_PATH,
     API,
+    COLLECTIVES_PATH,
     FAULTS_PATH,
     HEALTHZ_PATH,
+    RANK_MATRIX_PATH,
     SILENCES_PATH,
     STATUS_PATH,
     control_path,
+    diagnosis_evidence_path,
+    diagnosis_timeline_path,
     silence_path,
+    step_trace_path,
 )
 
 
@@ -156,6 +161,36 @@ class DaemonClient:
 
     def silences(self) -> list[dict[str, Any]]:
         return list(self._request("GET", SILENCES_PATH)["silences"])
+
+    def rank_matrix(
+        self,
+        *,
+        role: str = Role.TRAINER,
+        steps: int = 200,
+        offset: int = 0,
+        limit: int = 64,
+        sort: str = "rank",
+    ) -> dict[str, Any]:
+        """Compute seconds per rank x step for one page of ranks (``sort``: rank | score | last)."""
+        params = {"role": role, "steps": steps, "offset": offset, "limit": limit, "sort": sort}
+        return dict(self._request("GET", RANK_MATRIX_PATH, params))
+
+    def collectives(self, window_s: float = 600.0) -> dict[str, Any]:
+        """``in_flight`` now and per-(op, group) ``series`` buckets over the last ``window_s``."""
+        return dict(self._request("GET", COLLECTIVES_PATH, {"window_s": window_s}))
+
+    def traces(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"{API}/traces", {"limit": limit})["traces"])
+
+    def step_trace(self, step: int) -> dict[str, Any]:
+        """``{trace_id, spans}`` of one step; DaemonError 404 when none of its spans are held."""
+        return dict(self._request("GET", step_trace_path(int(step))))
+
+    def evidence(self, diag_id: int) -> dict[str, Any]:
+        return dict(self._request("GET", diagnosis_evidence_path(int(diag_id))))
+
+    def recovery_timeline(self, diag_id: int) -> list[dict[str, Any]]:
+        return list(self._request("GET", diagnosis_timeline_path(int(diag_id)))["points"])
 
     # -- writes ---------------------------------------------------------------
     def silence(

@@ -63,7 +63,13 @@ def daemon_running(run_dir: Path) -> dict[str, object] | None:
 
 
 def serve(
-    job: str, run_dir: Path, *, ray_address: str | None, exit_when_done: bool, stop_on_interrupt: bool = False
+    job: str,
+    run_dir: Path,
+    *,
+    ray_address: str | None,
+    exit_when_done: bool,
+    stop_on_interrupt: bool = False,
+    dashboard_port: int = 0,
 ) -> int:
     import uvicorn
     from milepost.engine.contract.config import ConfigError, load_ops_view
@@ -160,11 +166,15 @@ def serve(
     server.on_interrupt = stopper
     supervisor_thread = threading.Thread(target=supervise, name="milepost-supervisor", daemon=True)
     supervisor_thread.start()
+    from . import dashboard_proc
+
+    dash, dash_url = dashboard_proc.start(run_dir, dashboard_port) if dashboard_port else (None, "")
     # The API thread (and the worker threads it starts) yield CPU to training.
     lower_thread_priority(ops.supervisor.telemetry_nice)
     logging.getLogger(__name__).info("milepost daemon for %s at %s (pid %d)", run_dir, url, os.getpid())
     print(
-        f"\nmilepost daemon (pid {os.getpid()}) supervising {job}\n"
+        (f"\nmilepost dashboard  {dash_url}   (log {RunDir(run_dir).dashboard_log})" if dash else "")
+        + f"\nmilepost daemon (pid {os.getpid()}) supervising {job}\n"
         f"  status   {url}{STATUS_PATH}     API docs {url}/docs\n"
         f"  metrics  {url}{METRICS_PATH}\n"
         f"  summary  .venv/bin/milepost status --run-dir {run_dir}\n"
@@ -180,6 +190,7 @@ def serve(
     finally:
         if stopper is not None and (interrupted or stopper.requested.is_set()):
             stopper.finish(supervisor_thread, str(run_dir), job)
+        dashboard_proc.stop(dash)
         sup.shutdown()
         alerting.close()
         telemetry.close()
@@ -211,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stop-on-interrupt", action="store_true", help="Ctrl-C stops the run and all its processes"
     )
+    p.add_argument("--dashboard-port", type=int, default=0, help="start the dashboard on this port (0: none)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address,
         exit_when_done=args.exit_when_done,
         stop_on_interrupt=args.stop_on_interrupt,
+        dashboard_port=args.dashboard_port,
     )
 
 

@@ -9,6 +9,7 @@
       milepost.db             the daemon's SQLite store (WAL)
       alerts_outbox.db        alert notifications waiting for (or sent to) their receivers
       daemon.log, daemon.out  the daemon's log; its stdout/stderr when detached
+      dashboard.log           the dashboard's output when the daemon started it (run --dashboard)
       attempts/attempt_N.log  attempt N's stdout/stderr
       attempts/attempt_N.proc.json  attempt N's process record (identity.ProcessRecord), written
                               before its spawn (intent) and completed with its pid and start time
@@ -39,6 +40,7 @@ ALERTS_OUTBOX_FILE = "alerts_outbox.db"  # notifications waiting for their recei
 DAEMON_LOCK = "daemon.lock"
 DAEMON_LOG = "daemon.log"
 DAEMON_OUT = "daemon.out"
+DASHBOARD_LOG = "dashboard.log"
 ATTEMPTS_DIR = "attempts"
 DIAGNOSTICS_DIR = "diagnostics"
 CHECKPOINTS_DIR = "checkpoints"
@@ -124,6 +126,7 @@ class RunDir:
     daemon_lock = _Under(DAEMON_LOCK)
     daemon_log = _Under(DAEMON_LOG)
     daemon_out = _Under(DAEMON_OUT)
+    dashboard_log = _Under(DASHBOARD_LOG)
     attempts = _Under(ATTEMPTS_DIR)
     diagnostics = _Under(DIAGNOSTICS_DIR)
     checkpoints = _Under(CHECKPOINTS_DIR)
