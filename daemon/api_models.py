@@ -253,6 +253,8 @@ class AlertTestResult(BaseModel):
     status: str = Field(description="ok | retry | fail")
     answer: str = Field(description="what the receiver answered (secrets scrubbed)")
     reason: str
+
+
 # -- the dashboard's views (daemon/api_views.py) ---------------------------------
 class RankMatrix(_Open):
     role: str

@@ -24,6 +24,8 @@ SILENCES_PATH = f"{API}/silences"  # GET: the silences; POST a SilenceRequest
 def silence_path(silence_id: str) -> str:
     """``DELETE`` here to expire a silence."""
     return f"{SILENCES_PATH}/{silence_id}"
+
+
 # Read routes shaped for the dashboard (daemon/api_views.py).
 RANK_MATRIX_PATH = f"{API}/ranks/matrix"  # GET compute seconds per rank x step, one page of ranks
 COLLECTIVES_PATH = f"{API}/collectives"  # GET in flight now, and per op/group buckets over time
