@@ -44,3 +44,16 @@ def ray_cluster() -> Iterator[None]:
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module() -> Iterator[None]:
+    """Streamlit's AppTest runs each script as ``__main__`` and leaves it in ``sys.modules``;
+    a later test that spawns processes (torch.multiprocessing, multiprocessing) would then
+    re-run that script in the child and die. Put the real ``__main__`` back after every test."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main

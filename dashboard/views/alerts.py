@@ -47,9 +47,8 @@ def render() -> None:
                     f"<small>{', '.join(f'{k}={v}' for k, v in sorted(labels.items()))}</small>",
                     unsafe_allow_html=True,
                 )
-                if status != "resolved":
-                    view, query = target_view(a)
-                    nav.link(view, f"open {view} for {name}", **query)
+                view, query = target_view(a)  # a resolved alert's evidence matters in the post-mortem
+                nav.link(view, f"open {view} for {name}", **query)
 
     live(body)
     silences()

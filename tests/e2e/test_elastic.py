@@ -79,6 +79,8 @@ def test_shrinks_to_free_slots_then_grows_back(tmp_path: Path, cluster: Any) -> 
         run.wait_step(3)
         assert client.attempts()[0]["world_size"] == 2
 
+        if ray.is_initialized():  # the session's in-process cluster (tests/conftest.py ray_cluster)
+            ray.shutdown()
         ray.init(address=cluster.address, logging_level="error")
         try:
             cluster.remove_node(node)

@@ -152,7 +152,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     doc["run"]["steps"] = 100_000  # outlives the checks (the example's 120 steps take about a minute)
     doc["checkpoint"]["interval"] = 3
     doc["detection"] = {"straggler_window_steps": 2}
-    doc["supervisor"] = {"standby": False, "backoff_initial_s": 0.5, "backoff_max_s": 2.0}
+    doc["supervisor"] = {
+        **doc["supervisor"],
+        "standby": False,
+        "backoff_initial_s": 0.5,
+        "backoff_max_s": 2.0,
+    }
     run = DaemonRun(tmp, doc)
     prom: subprocess.Popen[bytes] | None = None
     try:

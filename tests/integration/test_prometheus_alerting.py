@@ -55,7 +55,12 @@ def _job() -> dict[str, Any]:
     doc = tomllib.loads((ROOT / "examples" / "tiny-grpo-cpu.toml").read_text())
     doc["run"]["steps"] = 2000  # outlives the test; cleanup stops it
     # No warm standby (a second Ray cluster on a 2-core machine); a 4 s backoff holds the hang open.
-    doc["supervisor"] = {"standby": False, "backoff_initial_s": 4.0, "backoff_max_s": 4.0}
+    doc["supervisor"] = {
+        **doc["supervisor"],
+        "standby": False,
+        "backoff_initial_s": 4.0,
+        "backoff_max_s": 4.0,
+    }
     return doc
 
 
