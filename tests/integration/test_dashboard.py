@@ -268,7 +268,7 @@ def test_browser_opens_every_view(dashboard: str, page: Any) -> None:
     page.screenshot(path=str(ARTIFACTS / "runs.png"), full_page=True)
     for view, text in KEY_TEXT.items():
         page.goto(f"{dashboard}/{view}")
-        page.get_by_text(text, exact=False).first.wait_for()
+        page.get_by_text(text, exact=False).filter(visible=True).first.wait_for()
         if view in CHARTS:
             chart = page.locator('[data-testid="stVegaLiteChart"]').first
             chart.scroll_into_view_if_needed()  # Streamlit draws a chart when it comes into view
@@ -276,8 +276,9 @@ def test_browser_opens_every_view(dashboard: str, page: Any) -> None:
         assert page.locator('[data-testid="stException"]').count() == 0, f"{view} raised"
         page.screenshot(path=str(ARTIFACTS / f"{view}.png"), full_page=True)
     page.goto(f"{dashboard}/incidents")
-    page.get_by_text("frozen_rank").first.wait_for()
-    page.get_by_text("trainer 1").first.wait_for()
+    # A data frame's cells are hidden DOM over its canvas: wait for the visible text (the markdown).
+    page.get_by_text("frozen_rank").filter(visible=True).first.wait_for()
+    page.get_by_text("trainer 1").filter(visible=True).first.wait_for()
 
 
 def test_browser_sees_new_steps_without_a_reload(dashboard: str, page: Any) -> None:
@@ -307,9 +308,9 @@ def test_browser_clicks_from_a_firing_alert_to_its_incident(
     assert linked, f"no alert links to an incident: {resp.json()}"
     name = linked[0]["labels"]["alertname"]
     page.goto(f"{dashboard}/alerts")
-    page.get_by_text(f"open incidents for {name}").first.click()
+    page.get_by_text(f"open incidents for {name}").filter(visible=True).first.click()
     page.wait_for_url("**/incidents**")
-    page.get_by_text("Recovery timeline").first.wait_for()
+    page.get_by_text("Recovery timeline").filter(visible=True).first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "alert-to-incident.png"), full_page=True)
 
 
