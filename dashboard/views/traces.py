@@ -20,7 +20,14 @@ def render() -> None:
         if not stepped:
             st.info("No step traces held (tracing off, or no step finished yet).")
             return
-        step = int(wanted) or stepped[-1]
+        # Ranks export their spans in batches (every few seconds): the newest steps can still lack
+        # theirs. By default show the newest step with at least the typical span count.
+        counts: dict[int, int] = {}
+        for t in traces:
+            if t.get("step") is not None:
+                counts[int(t["step"])] = max(counts.get(int(t["step"]), 0), int(t.get("span_count") or 0))
+        typical = sorted(counts.values())[len(counts) // 2]
+        step = int(wanted) or [n for n in stepped if counts[n] >= typical][-1]
         st.caption(f"traced steps held: {stepped[0]}..{stepped[-1]} ({len(stepped)})")
         trace = source.read(f"trace {step}", lambda c: c.step_trace(step), {})
         spans = trace.get("spans") or []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -77,4 +78,6 @@ def test_push_to_real_alertmanager_round_trips_to_its_webhook(tmp_path: Path) ->
     assert first["version"] == "4" and first["status"] == "firing" and second["status"] == "resolved"
     assert first["alerts"][0]["labels"] == firing.alerts[0].labels
     assert first["alerts"][0]["generatorURL"] == firing.alerts[0].generator_url
-    assert second["alerts"][0]["endsAt"] == webhook_payload(resolved)["alerts"][0]["endsAt"]
+    # Alertmanager writes Go's RFC 3339 with trailing zeros of the fraction trimmed (.96Z for .960Z).
+    ends = webhook_payload(resolved)["alerts"][0]["endsAt"]
+    assert datetime.fromisoformat(second["alerts"][0]["endsAt"]) == datetime.fromisoformat(ends)
